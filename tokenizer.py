@@ -1,0 +1,123 @@
+"""Tokenizers: sentencepiece models (Llama 2, Mistral, CodeLlama) and tiktoken BPE files (Llama 3).
+
+Which kind a file is comes from its content, never its name: a tiktoken file is text, one
+`base64-token rank` pair a line; a sentencepiece model is a binary protobuf.
+"""
+import base64
+from pathlib import Path
+from typing import Optional
+
+# Llama 3's pre-tokenizer split (its tiktoken file does not carry one).
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_NAMED_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                         "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                         "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class SentencePieceTokenizer:
+    def __init__(self, path: Path):
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size = self.sp.vocab_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.special_tokens = {}
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(list(ids))
+
+    def token_id(self, piece: str) -> Optional[int]:
+        i = self.sp.piece_to_id(piece)
+        return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
+
+
+class TiktokenTokenizer:
+    def __init__(self, path: Path, special_tokens: Optional[dict] = None, pattern: str = LLAMA3_PATTERN):
+        import tiktoken
+
+        ranks = read_tiktoken_ranks(path)
+        n = len(ranks)
+        if not special_tokens:  # a bare Llama 3 file: its 256 specials follow the ranks
+            special_tokens = {t: n + i for i, t in enumerate(LLAMA3_NAMED_SPECIALS)}
+            k = len(LLAMA3_NAMED_SPECIALS)
+            special_tokens.update({f"<|reserved_special_token_{2 + i}|>": n + k + i for i in range(256 - k)})
+        self.special_tokens = dict(special_tokens)
+        self.enc = tiktoken.Encoding(name=Path(path).name, pat_str=pattern, mergeable_ranks=ranks,
+                                     special_tokens=self.special_tokens)
+        self.vocab_size = self.enc.n_vocab
+        self.bos_id = self.special_tokens.get("<|begin_of_text|>")
+        self.eos_id = self.special_tokens.get("<|end_of_text|>")
+
+    def encode(self, text: str) -> list[int]:
+        # Special-token text in a prompt is encoded as the special token, as Llama 3's chat format needs.
+        return self.enc.encode(text, allowed_special="all")
+
+    def decode(self, ids: list[int]) -> str:
+        return self.enc.decode(list(ids))
+
+    def token_id(self, piece: str) -> Optional[int]:
+        return self.special_tokens.get(piece)
+
+
+def read_tiktoken_ranks(path) -> dict:
+    ranks = {}
+    for n, line in enumerate(Path(path).read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            raise TokenizerError(f"{path}:{n} is not a tiktoken 'base64 rank' line") from None
+    return ranks
+
+
+def is_tiktoken_file(path) -> bool:
+    with open(path, "rb") as f:
+        first = f.readline(4096).split()
+    try:
+        return len(first) == 2 and bool(base64.b64decode(first[0], validate=True)) and int(first[1]) >= 0
+    except ValueError:
+        return False
+
+
+def load_tokenizer(path, special_tokens: Optional[dict] = None, bos_id: Optional[int] = None,
+                   eos_ids: Optional[list] = None):
+    """Open a sentencepiece model or tiktoken file, told apart by content.
+
+    special_tokens, bos_id and eos_ids come from the checkpoint (what the conversion read from the HF files)
+    and take precedence over what the tokenizer file says. `stop_ids` is every id that ends generation.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(f"tokenizer {path} not found; pass --tokenizer_path or put tokenizer.model "
+                             "beside the checkpoint")
+    try:
+        if is_tiktoken_file(path):
+            tok = TiktokenTokenizer(path, special_tokens)
+        else:
+            tok = SentencePieceTokenizer(path)
+    except TokenizerError:
+        raise
+    except Exception as e:
+        raise TokenizerError(f"cannot read tokenizer {path}: neither a tiktoken file nor a sentencepiece "
+                             f"model ({type(e).__name__})") from None
+    if bos_id is not None:
+        tok.bos_id = bos_id
+    stop = list(eos_ids or [])
+    if not stop and tok.eos_id is not None and tok.eos_id >= 0:
+        stop = [tok.eos_id]
+    for name in ("<|eot_id|>", "<|eom_id|>", "<|im_end|>"):  # chat turn ends stop generation too
+        i = tok.token_id(name)
+        if i is not None and i not in stop:
+            stop.append(i)
+    tok.stop_ids = stop
+    return tok
