@@ -159,13 +159,9 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, max_seq, D]
-        # Each query head reads the KV head of its group (GQA); repeat rather than enable_gqa so every
-        # SDPA backend, masked or not, takes it on both torch versions we support.
-        groups = self.n_heads // self.n_kv_heads
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # enable_gqa: each group of n_heads // n_kv_heads query heads reads one KV head in place, rather
+        # than copying the cache n_heads // n_kv_heads times per step.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
         y = y.transpose(1, 2).reshape(bsz, seqlen, q_size)
         return self.wo(y)
 
@@ -309,6 +305,9 @@ def save_checkpoint(path, state_dict: dict, args: ModelArgs, tokenizer: Optional
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
         torch.save(payload, tmp)
         os.replace(tmp, path)
     except BaseException:  # interrupted or failed: leave nothing half-written behind
