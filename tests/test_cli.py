@@ -1,0 +1,79 @@
+"""generate.py end to end on a tiny converted model, and its one-line errors on bad input."""
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+GENERATE = [sys.executable, str(ROOT / "generate.py")]
+FAST = ["--device", "cpu", "--precision", "float32", "--num_samples", "2", "--max_new_tokens", "12"]
+
+
+@pytest.fixture(scope="module")
+def cli_checkpoint(hf_checkpoint, sentencepiece_model_path, tmp_path_factory):
+    """A converted tiny Llama with its sentencepiece tokenizer beside it, as prepare.sh leaves them."""
+    _, path = hf_checkpoint("llama2")
+    folder = tmp_path_factory.mktemp("cli")
+    shutil.copy(path, folder / "model.pth")
+    shutil.copy(sentencepiece_model_path, folder / "tokenizer.model")
+    return folder / "model.pth"
+
+
+def run(*args):
+    return subprocess.run(GENERATE + list(args), capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(r, *words):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_greedy_cli_is_deterministic_and_streams_prompt_and_text(cli_checkpoint):
+    first = run("--checkpoint_path", str(cli_checkpoint), "--prompt", "def model(", "--temperature", "0", *FAST)
+    assert first.returncode == 0, first.stderr
+    samples = first.stdout.strip("\n").split("\n")
+    assert len(samples) == 2 and samples[0] == samples[1] and samples[0].startswith("def model(")
+    assert len(samples[0]) > len("def model(")
+    assert "tok/s" in first.stderr and "GB/s" in first.stderr and "time to first token" in first.stderr
+    second = run("--checkpoint_path", str(cli_checkpoint), "--prompt", "def model(", "--temperature", "0", *FAST)
+    assert second.stdout == first.stdout
+
+
+def test_sampling_cli_with_batch_and_synthetic_prompt(cli_checkpoint):
+    r = run("--checkpoint_path", str(cli_checkpoint), "--prompt", "16", "--batch_size", "2", "--top_p", "0.9", *FAST)
+    assert r.returncode == 0, r.stderr
+    assert "median of 2" in r.stderr
+
+
+def test_missing_checkpoint_is_one_line_error(tmp_path):
+    assert_one_line_error(run("--checkpoint_path", str(tmp_path / "nope.pth")), "not found")
+
+
+def test_truncated_checkpoint_is_one_line_error(cli_checkpoint, tmp_path):
+    bad = tmp_path / "model.pth"
+    bad.write_bytes(cli_checkpoint.read_bytes()[:5000])
+    shutil.copy(cli_checkpoint.parent / "tokenizer.model", tmp_path)
+    assert_one_line_error(run("--checkpoint_path", str(bad), *FAST), "cannot read checkpoint")
+
+
+def test_prompt_beyond_context_is_one_line_error(cli_checkpoint):
+    # the tiny llama2 config has a 128-token context
+    r = run("--checkpoint_path", str(cli_checkpoint), "--prompt", "100", "--max_new_tokens", "50")
+    assert_one_line_error(r, "context", "128")
+
+
+def test_missing_tokenizer_is_one_line_error(cli_checkpoint, tmp_path):
+    alone = tmp_path / "model.pth"
+    shutil.copy(cli_checkpoint, alone)
+    assert_one_line_error(run("--checkpoint_path", str(alone), *FAST), "tokenizer")
+
+
+def test_bad_sampling_arguments_are_refused(cli_checkpoint):
+    r = run("--checkpoint_path", str(cli_checkpoint), "--top_p", "1.5")
+    assert r.returncode != 0 and "top_p" in r.stderr and "Traceback" not in r.stderr
