@@ -77,3 +77,23 @@ def test_missing_tokenizer_is_one_line_error(cli_checkpoint, tmp_path):
 def test_bad_sampling_arguments_are_refused(cli_checkpoint):
     r = run("--checkpoint_path", str(cli_checkpoint), "--top_p", "1.5")
     assert r.returncode != 0 and "top_p" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_interactive_chat_answers_each_turn_and_exits_at_end_of_input(cli_checkpoint):
+    r = subprocess.run(GENERATE + ["--checkpoint_path", str(cli_checkpoint), "--interactive", "--device", "cpu",
+                                   "--precision", "float32", "--max_new_tokens", "8", "--temperature", "0"],
+                       input="hello there\nand again\n", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("> ") == 3  # two answered turns, then the prompt that meets end of input
+
+
+def test_chat_formats_use_single_special_tokens(tiktoken_file_path, tiktoken_special_tokens):
+    from generate import encode_chat
+    from tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiktoken_file_path, tiktoken_special_tokens)
+    ids = encode_chat(tok, "llama3", [("user", "hi")])
+    s = tiktoken_special_tokens
+    assert ids[0] == s["<|begin_of_text|>"] and ids[1] == s["<|start_header_id|>"]
+    assert ids.count(s["<|eot_id|>"]) == 1 and ids.count(s["<|end_header_id|>"]) == 2
+    assert tok.decode(ids[1:]).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
