@@ -25,7 +25,8 @@ class SentencePieceTokenizer:
 
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         self.vocab_size = self.sp.vocab_size()
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        # sentencepiece says -1 for a disabled bos/eos; None is what callers check for.
+        self.bos_id, self.eos_id = (i if i >= 0 else None for i in (self.sp.bos_id(), self.sp.eos_id()))
         self.special_tokens = {}
 
     def encode(self, text: str) -> list[int]:
@@ -50,6 +51,7 @@ class TiktokenTokenizer:
             k = len(LLAMA3_NAMED_SPECIALS)
             special_tokens.update({f"<|reserved_special_token_{2 + i}|>": n + k + i for i in range(256 - k)})
         self.special_tokens = dict(special_tokens)
+        check_special_tokens(path, ranks, self.special_tokens)
         self.enc = tiktoken.Encoding(name=Path(path).name, pat_str=pattern, mergeable_ranks=ranks,
                                      special_tokens=self.special_tokens)
         self.vocab_size = self.enc.n_vocab
@@ -68,16 +70,39 @@ class TiktokenTokenizer:
 
 
 def read_tiktoken_ranks(path) -> dict:
-    ranks = {}
+    ranks, seen = {}, set()
     for n, line in enumerate(Path(path).read_bytes().splitlines(), 1):
         if not line.strip():
             continue
         try:
             token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
+            token, rank = base64.b64decode(token, validate=True), int(rank)
+            if not token or rank < 0:
+                raise ValueError
         except ValueError:
             raise TokenizerError(f"{path}:{n} is not a tiktoken 'base64 rank' line") from None
+        # tiktoken itself would panic (an exception no `except Exception` catches) on a repeated rank,
+        # and silently keep the last of a repeated token.
+        if token in ranks or rank in seen:
+            raise TokenizerError(f"{path}:{n} repeats a {'token' if token in ranks else 'rank'} of an earlier line")
+        ranks[token] = rank
+        seen.add(rank)
     return ranks
+
+
+def check_special_tokens(path, ranks: dict, special_tokens: dict):
+    """Special ids must be distinct and clear of the file's ranks: tiktoken accepts a clash silently and then
+    decodes the special as the ordinary token, or panics."""
+    taken = set(ranks.values())
+    clash = sorted(t for t, i in special_tokens.items() if i in taken)
+    if clash:
+        raise TokenizerError(f"special tokens {clash[:3]} have ids that {path} gives to ordinary tokens; are the "
+                             "checkpoint's special tokens from another tokenizer?")
+    by_id = {}
+    for t, i in special_tokens.items():
+        if i in by_id:
+            raise TokenizerError(f"special tokens {by_id[i]} and {t} for {path} share the id {i}")
+        by_id[i] = t
 
 
 def is_tiktoken_file(path) -> bool:
@@ -100,14 +125,17 @@ def load_tokenizer(path, special_tokens: Optional[dict] = None, bos_id: Optional
     if not path.is_file():
         raise TokenizerError(f"tokenizer {path} not found; pass --tokenizer_path or put tokenizer.model "
                              "beside the checkpoint")
+    tiktoken_file = False
     try:
-        if is_tiktoken_file(path):
-            tok = TiktokenTokenizer(path, special_tokens)
-        else:
-            tok = SentencePieceTokenizer(path)
+        tiktoken_file = is_tiktoken_file(path)
+        tok = TiktokenTokenizer(path, special_tokens) if tiktoken_file else SentencePieceTokenizer(path)
     except TokenizerError:
         raise
+    except OSError as e:
+        raise TokenizerError(f"cannot read tokenizer {path}: {e.strerror or e}") from None
     except Exception as e:
+        if tiktoken_file:
+            raise TokenizerError(f"cannot read tiktoken file {path}: {type(e).__name__}: {e}") from None
         raise TokenizerError(f"cannot read tokenizer {path}: neither a tiktoken file nor a sentencepiece "
                              f"model ({type(e).__name__})") from None
     if bos_id is not None:

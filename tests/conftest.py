@@ -69,3 +69,122 @@ def hf_checkpoint(tmp_path_factory):
         return made[family]
 
     return get
+
+
+# --- Tiny tokenizers, trained in-process on a generated corpus (tests/test_tokenizer.py and any test that
+# --- needs a real tokenizer for a tiny model).
+import base64  # noqa: E402
+import collections  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
+
+_CORPUS_WORDS = ("the a of and to in is it that for on with as this be at by from or an are was not but all can "
+                 "model token text cache layer weight value query batch prompt sample tensor shape string vocab "
+                 "merge rank byte quick brown fox jumps over lazy dog small tiny language generation attention "
+                 "head key rope norm output input file path load save encode decode").split()
+_CORPUS_NAMES = ("x", "y", "i", "n", "ids", "text", "model", "tokens", "cache", "self", "out", "value")
+SP_VOCAB_SIZE = 320  # the tiny sentencepiece tokenizer's vocab: equal to HF_CONFIGS' vocab_size
+
+
+def make_corpus(n_lines: int = 400, seed: int = 0) -> list:
+    """Deterministic English-like prose (3 lines in 4) and Python-like code lines with indentation."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n_lines):
+        if i % 4 != 3:
+            words = [rng.choice(_CORPUS_WORDS) for _ in range(rng.randint(5, 14))]
+            lines.append(" ".join(words).capitalize() + rng.choice(".,."))
+        elif i % 8 == 3:
+            a, b = rng.sample(_CORPUS_NAMES, 2)
+            lines.append(f"{'    ' * rng.randint(1, 2)}{a} = {b}({rng.choice(_CORPUS_NAMES)}, {rng.randint(0, 99)})")
+        else:
+            lines.append(f"def {rng.choice(_CORPUS_WORDS)}_{rng.choice(_CORPUS_WORDS)}({rng.choice(_CORPUS_NAMES)}):")
+    return lines
+
+
+def train_sentencepiece(path, vocab_size: int = SP_VOCAB_SIZE, model_type: str = "bpe", corpus=None,
+                        **options) -> Path:
+    """Train a Llama-2-style sentencepiece model (byte fallback, identity normalization, unk=0 bos=1 eos=2, no pad)
+    into `path` (a .model file) in a few milliseconds. Its vocab is exactly vocab_size (>= 320: 256 byte pieces,
+    3 meta pieces, the corpus' common characters and a few merges). Rare characters go by byte fallback.
+    `options` override the trainer's settings (e.g. bos_id=-1)."""
+    import sentencepiece as spm
+
+    path = Path(path)
+    settings = dict(model_type=model_type, vocab_size=vocab_size, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
+                    pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
+                    allow_whitespace_only_pieces=True, split_digits=True, character_coverage=0.99, num_threads=1,
+                    minloglevel=2)
+    settings.update(options)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus or make_corpus()),
+                                   model_prefix=str(path.with_suffix("")), **settings)
+    model = path.with_suffix(".model")
+    if model != path:
+        model.replace(path)
+    path.with_suffix(".vocab").unlink(missing_ok=True)
+    return path
+
+
+def learn_bpe_ranks(corpus=None, n_merges: int = 100) -> dict:
+    """Byte-level BPE ranks as tiktoken wants them: the 256 single bytes (rank = byte value), then one rank per
+    learned merge in the order learned, so both parts of every merged token rank lower than it."""
+    words = collections.Counter()
+    for line in corpus or make_corpus():
+        words.update(re.findall(r" ?[A-Za-z]+| ?[0-9]{1,3}| ?[^\sA-Za-z0-9]+|\s+", line + "\n"))
+    splits = {tuple(bytes([b]) for b in w.encode()): n for w, n in words.items()}
+    ranks = {bytes([b]): b for b in range(256)}
+    for _ in range(n_merges):
+        pairs = collections.Counter()
+        for parts, n in splits.items():
+            for pair in zip(parts, parts[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))  # ties broken by the bytes: deterministic
+        merged = best[0] + best[1]
+        ranks[merged] = len(ranks)
+        new = {}
+        for parts, n in splits.items():
+            out, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(parts[i])
+                    i += 1
+            new[tuple(out)] = new.get(tuple(out), 0) + n
+        splits = new
+    return ranks
+
+
+def write_tiktoken_file(path, ranks: dict) -> Path:
+    """The tiktoken file format: one `base64(token bytes) rank` line per token, by rank."""
+    path = Path(path)
+    path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in sorted(ranks.items(), key=lambda x: x[1])))
+    return path
+
+
+def tiktoken_specials(n_ranks: int) -> dict:
+    """Special tokens (a Llama 3 chat subset, not Meta's layout) placed right after n_ranks ranks."""
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    return {name: n_ranks + i for i, name in enumerate(names)}
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_model_path(tmp_path_factory):
+    """A tiny sentencepiece BPE model (SP_VOCAB_SIZE tokens, byte fallback, unk=0 bos=1 eos=2)."""
+    return train_sentencepiece(tmp_path_factory.mktemp("sp") / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def tiktoken_file_path(tmp_path_factory):
+    """A tiny tiktoken BPE file: 256 byte tokens and 100 merges learned on make_corpus()."""
+    return write_tiktoken_file(tmp_path_factory.mktemp("tiktoken") / "tokenizer.model", learn_bpe_ranks())
+
+
+@pytest.fixture(scope="session")
+def tiktoken_special_tokens(tiktoken_file_path):
+    """The special tokens to pass with tiktoken_file_path: tiktoken_specials(number of ranks in the file)."""
+    n_ranks = sum(1 for line in tiktoken_file_path.read_bytes().splitlines() if line.strip())
+    return tiktoken_specials(n_ranks)
