@@ -1,0 +1,312 @@
+"""Decode-speed benchmark on random weights: tok/s, GB/s, time to first token, compile time, peak memory.
+
+    python scripts/bench.py --model llama-2-7b --model llama-3-8b --bandwidth
+    python scripts/bench.py --model llama-3.2-1b --batch_size 8 --max_new_tokens 512 --mlp_microbench
+    python scripts/bench.py --model tiny --device cpu --runs 2 --max_new_tokens 20 --no-compile --bandwidth
+
+Each model is built on the meta device, materialised on the target device in --precision and filled with
+random normal weights, then run through generate.py's own generate() (compiled with compile_fns() unless
+--no-compile): one warm-up call timed as compile time, then --runs timed runs of a random prompt with greedy
+decoding and no stop tokens, so every run decodes exactly --max_new_tokens tokens. --bandwidth first
+measures the device's copy and read bandwidth, the ceiling decode GB/s is compared against. Prints a table
+and appends one JSON line per model (and per measurement) to --out.
+"""
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from generate import (DTYPES, compile_fns, generate, kv_cache_bytes, peak_memory_gb,  # noqa: E402
+                      weight_bytes_per_token)
+from model import FeedForward, ModelArgs, Transformer  # noqa: E402
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+MODELS = {
+    "llama-2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, intermediate_size=11008,
+                       head_dim=128, max_seq_len=4096, norm_eps=1e-5),
+    "llama-3-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
+                       head_dim=128, max_seq_len=8192, norm_eps=1e-5, rope_theta=500000.0),
+    "llama-3.2-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, intermediate_size=8192,
+                         head_dim=64, max_seq_len=131072, norm_eps=1e-5, rope_theta=500000.0,
+                         rope_scaling=LLAMA3_ROPE, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=384, head_dim=32,
+                 max_seq_len=1024),
+    "small": dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, intermediate_size=2048,
+                  head_dim=64, max_seq_len=2048),
+}
+
+
+def log(msg: str):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def environment(device: torch.device) -> dict:
+    """What the numbers were measured on, recorded with every JSON line."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine() or "cpu"
+        with contextlib.suppress(OSError, StopIteration):  # platform.processor() is often empty on Linux
+            name = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        name = f"{name} ({torch.get_num_threads()} threads)"
+    triton_version = commit = None
+    with contextlib.suppress(ImportError):
+        import triton
+        triton_version = triton.__version__
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
+    return dict(device=name, torch=torch.__version__, triton=triton_version, git_commit=commit,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command=[sys.executable] + sys.argv)
+
+
+def time_ms(fn, device: torch.device, reps: int, warmup: int = 3, inner: int = 1) -> float:
+    """Median milliseconds of one fn() call over `reps` timings of `inner` back-to-back calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / inner)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / inner)
+    return statistics.median(times)
+
+
+def measure_bandwidth(device: torch.device) -> dict:
+    """Copy and read bandwidth of a ~4 GiB (CUDA) or ~1 GiB (CPU) random bf16 tensor, in GB/s (1e9)."""
+    cuda = device.type == "cuda"
+    gib, reps = (4, 30) if cuda else (1, 5)
+    n = gib * 2**30 // 2 - 2**20  # a little under 2**31 elements, so kernels keep 32-bit indexing
+    x = torch.randn(n, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    nbytes = x.numel() * x.element_size()
+    out = dict(kind="bandwidth", size_gb=nbytes / 1e9, dtype="bfloat16", reps=reps)
+    # copy reads and writes every byte; sum and a row-wise amax read every byte once, writing next to nothing
+    for name, fn, moved in (("copy", lambda: y.copy_(x), 2 * nbytes), ("sum", lambda: x.sum(), nbytes),
+                            ("amax", lambda: x.view(-1, 4096).amax(dim=-1), nbytes)):
+        ms = time_ms(fn, device, reps)
+        out[f"{name}_ms"], out[f"{name}_gb_s"] = ms, moved / ms / 1e6
+    out["read_gb_s"] = max(out["sum_gb_s"], out["amax_gb_s"])
+    return out
+
+
+class SeparateMLP(nn.Module):
+    """model.FeedForward with the gate (w1) and up (w3) projections left as two matmuls."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1, self.w3 = (nn.Linear(args.dim, args.intermediate_size, bias=False) for _ in range(2))
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def mlp_microbench(device: torch.device, dtype: torch.dtype) -> dict:
+    """One Llama-2-7B SwiGLU MLP at batch 1: gate/up fused into one [2*11008, 4096] matmul vs two matmuls."""
+    args, cuda = ModelArgs(**MODELS["llama-2-7b"]), device.type == "cuda"
+    x = torch.randn(1, 1, args.dim, device=device, dtype=dtype)
+    out = dict(kind="mlp_microbench", shape=f"M=1 dim={args.dim} intermediate={args.intermediate_size}",
+               dtype=str(dtype).split(".")[-1])
+    for name, cls in (("fused", FeedForward), ("separate", SeparateMLP)):
+        mlp = randomize(materialize(cls, args, device, dtype))  # parameters: static inputs to CUDA graphs
+        compiled = torch.compile(mlp, mode="reduce-overhead" if cuda else None, fullgraph=True)
+
+        def call():
+            if cuda:
+                torch.compiler.cudagraph_mark_step_begin()
+            compiled(x)
+        with torch.no_grad():
+            ms = time_ms(call, device, reps=20 if cuda else 5, inner=100 if cuda else 5)
+        nbytes = sum(p.numel() * p.element_size() for p in mlp.parameters())
+        out[f"{name}_us"], out[f"{name}_gb_s"] = ms * 1e3, nbytes / ms / 1e6
+        del mlp, compiled
+    out["separate_over_fused"] = out["separate_us"] / out["fused_us"]
+    return out
+
+
+def materialize(cls, args: ModelArgs, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """cls(args) built on meta, cast there (free), then given uninitialised storage on the device."""
+    with torch.device("meta"):
+        module = cls(args)
+    return module.to(dtype=dtype).to_empty(device=device).eval()
+
+
+@torch.no_grad()
+def randomize(module: nn.Module) -> nn.Module:
+    """Random normal weights in place (std 0.02; norm scales 1 + noise): no zeros, no second copy."""
+    for name, p in module.named_parameters():
+        p.normal_(1.0 if name.endswith("norm.weight") else 0.0, 0.02)
+    return module
+
+
+def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
+    model = materialize(Transformer, args, device, dtype)
+    if args.tie_word_embeddings:  # to_empty gives each module its own tensor; share one again
+        model.output.weight = model.tok_embeddings.weight
+    return randomize(model)
+
+
+def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_s) -> dict:
+    args = ModelArgs(**MODELS[name])
+    model = build_model(args, device, DTYPES[a.precision])
+    model.setup_caches(a.batch_size, a.prompt_len + a.max_new_tokens)
+    kw = dict(temperature=0.0, stop_ids=())  # greedy; no stop tokens, so every run decodes max_new_tokens
+    if a.compile:
+        kw["prefill_fn"], kw["decode_fn"] = compile_fns(device)
+    prompt = torch.randint(0, args.vocab_size, (a.batch_size, a.prompt_len), device=device)
+    t0 = time.perf_counter()
+    generate(model, prompt, a.max_new_tokens, **kw)  # compiles and captures CUDA graphs when compiling
+    compile_s = time.perf_counter() - t0
+    log(f"{name}: warm-up{' (compile)' if a.compile else ''} {compile_s:.1f} s")
+    weight_read = weight_bytes_per_token(model)
+    step_bytes = weight_read + kv_cache_bytes(model, a.batch_size)
+    runs = []
+    for i in range(a.runs):
+        t = {}
+        generate(model, prompt, a.max_new_tokens, timings=t, **kw)
+        assert t["decode_steps"] == a.max_new_tokens - 1, t
+        steps_s = t["decode_steps"] / t["decode_s"]
+        r = dict(t, ttft_ms=t["prefill_s"] * 1e3, tok_s=steps_s * a.batch_size, gb_s=steps_s * step_bytes / 1e9)
+        runs.append(r)
+        log(f"{name}: run {i + 1}: {r['tok_s']:.1f} tok/s, {r['gb_s']:.1f} GB/s, first token {r['ttft_ms']:.1f} ms")
+    med = {k: statistics.median(r[k] for r in runs) for k in ("tok_s", "gb_s", "ttft_ms")}
+    seen = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    # peak memory: on CUDA since the last reset (per model); on CPU the process's max RSS so far
+    return dict(kind="model", model=name, model_args=MODELS[name], precision=a.precision, batch_size=a.batch_size,
+                prompt_len=a.prompt_len, max_new_tokens=a.max_new_tokens, compile=a.compile, **med, compile_s=compile_s,
+                peak_memory_gb=peak_memory_gb(device), weights_gb=sum(seen.values()) / 1e9,
+                weight_read_gb=weight_read / 1e9, step_read_gb=step_bytes / 1e9,
+                fraction_of_read_bw=med["gb_s"] / read_gb_s if read_gb_s else None, runs=runs)
+
+
+def free_memory(device: torch.device):
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+        reset_cudagraph_trees()  # its memory pool holds the graphs' activations
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def save(path: Path, record: dict, env: dict):
+    """Append one JSON line as soon as a measurement is done, so a later crash loses nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({**record, **env}) + "\n")
+
+
+def main(a: argparse.Namespace):
+    device = torch.device(a.device)
+    torch.manual_seed(1234)
+    env, records = environment(device), []
+    log(f"{env['device']}, torch {env['torch']}, triton {env['triton']}")
+    bw = None
+    if a.bandwidth:
+        bw = measure_bandwidth(device)
+        records.append(bw)
+        save(a.out, bw, env)
+        log(f"bandwidth: copy {bw['copy_gb_s']:.0f} GB/s, read {bw['read_gb_s']:.0f} GB/s "
+            f"(sum {bw['sum_gb_s']:.0f}, amax {bw['amax_gb_s']:.0f})")
+        free_memory(device)
+    if a.mlp_microbench:
+        records.append(mlp_microbench(device, DTYPES[a.precision]))
+        save(a.out, records[-1], env)
+        log(f"mlp: fused {records[-1]['fused_us']:.1f} us, separate {records[-1]['separate_us']:.1f} us")
+        free_memory(device)
+    for name in a.model:
+        try:
+            records.append(bench_model(name, a, device, bw and bw["read_gb_s"]))
+        except torch.cuda.OutOfMemoryError as e:
+            log(f"{name}: out of memory: {str(e).splitlines()[0]}")
+            records.append(dict(kind="model", model=name, error="out of memory"))
+        free_memory(device)  # the model's last reference was in bench_model's frame
+        save(a.out, records[-1], env)
+    print(f"\n{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}")
+    if bw:
+        print(f"bandwidth ({bw['size_gb']:.1f} GB bf16): copy {bw['copy_gb_s']:.1f} GB/s, "
+              f"read {bw['read_gb_s']:.1f} GB/s (sum {bw['sum_gb_s']:.1f}, amax {bw['amax_gb_s']:.1f})")
+    for r in records:
+        if r["kind"] == "mlp_microbench":
+            print(f"mlp {r['shape']} {r['dtype']}: fused {r['fused_us']:.1f} us ({r['fused_gb_s']:.1f} GB/s), "
+                  f"separate {r['separate_us']:.1f} us ({r['separate_gb_s']:.1f} GB/s)")
+    header = (f"{'model':<14}{'tok/s':>10}{'GB/s':>9}{'%read':>7}{'TTFT ms':>9}{'compile s':>10}{'peak GB':>9}"
+              f"{'weights GB':>11}")
+    print(header + "\n" + "-" * len(header))
+    for r in (r for r in records if r["kind"] == "model"):
+        if "error" in r:
+            print(f"{r['model']:<14}{r['error']:>10}")
+        else:
+            frac = "-" if r["fraction_of_read_bw"] is None else f"{100 * r['fraction_of_read_bw']:.0f}"
+            print(f"{r['model']:<14}{r['tok_s']:>10.1f}{r['gb_s']:>9.2f}{frac:>7}{r['ttft_ms']:>9.1f}"
+                  f"{r['compile_s']:>10.1f}{r['peak_memory_gb']:>9.3f}{r['weights_gb']:>11.3f}")
+    print(f"batch {a.batch_size}, prompt {a.prompt_len}, {a.max_new_tokens} new tokens, {a.precision}, "
+          f"compile {'on' if a.compile else 'off'}, median of {a.runs}; appended to {a.out}")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Decode-speed benchmark of named model shapes on random weights.")
+    p.add_argument("--model", action="append", choices=list(MODELS), required=True, help="repeat for several")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--prompt_len", type=int, default=16)
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--out", type=Path, default=Path("bench_results/results.jsonl"))
+    p.add_argument("--bandwidth", action="store_true", help="measure copy and read bandwidth first")
+    p.add_argument("--mlp_microbench", action="store_true", help="time a fused vs separate gate/up SwiGLU MLP")
+    a = p.parse_args()
+    if a.prompt_len < 1 or a.max_new_tokens < 2 or a.runs < 1 or a.batch_size < 1:
+        p.error("need --prompt_len >= 1, --max_new_tokens >= 2, --runs >= 1 and --batch_size >= 1")
+    for name in a.model:
+        if a.prompt_len + a.max_new_tokens > MODELS[name]["max_seq_len"]:
+            p.error(f"--prompt_len + --max_new_tokens exceeds {name}'s context of {MODELS[name]['max_seq_len']}")
+    return a
+
+
+def fail(msg: str):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli = parse_args()
+    try:
+        dev = torch.device(cli.device)
+    except RuntimeError:
+        fail(f"--device {cli.device!r} is not a device (try cuda, cuda:0 or cpu)")
+    if dev.type not in ("cuda", "cpu"):
+        fail(f"--device {cli.device!r}: only cuda and cpu are supported")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but torch.cuda.is_available() is False (no GPU, or a CPU-only torch)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        fail(f"--device {cli.device}: only {torch.cuda.device_count()} GPU(s) visible")
+    main(cli)
