@@ -272,9 +272,11 @@ def find_tokenizer(checkpoint_path: Path) -> Path:
 
 def main(checkpoint_path: Path, prompt: str, max_new_tokens: int, num_samples: int, temperature: float,
          top_k: Optional[int], top_p: Optional[float], batch_size: int, interactive: bool, compile: bool,
-         compile_prefill: bool, device: Optional[str], precision: str, profile: Optional[Path],
+         compile_prefill: bool, device: Optional[str], precision: Optional[str], profile: Optional[Path],
          tokenizer_path: Optional[Path], seed: int):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # bfloat16 halves the bytes each step reads on a GPU; CPUs without bf16 matrix units run it far slower.
+    precision = precision or ("bfloat16" if device.type == "cuda" else "float32")
     torch.manual_seed(seed)
     if not checkpoint_path.is_file():
         raise CheckpointError(f"checkpoint {checkpoint_path} not found; convert one with "
@@ -384,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graphs on GPU)")
     p.add_argument("--compile_prefill", action="store_true", help="compile the prefill too")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--precision", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--precision", choices=sorted(DTYPES), default=None,
+                   help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--profile", type=Path, default=None, help="write a torch profiler trace of the last sample here")
     p.add_argument("--tokenizer_path", type=Path, default=None, help="default: tokenizer.model beside the checkpoint")
     p.add_argument("--seed", type=int, default=1234)
