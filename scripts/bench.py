@@ -149,6 +149,41 @@ def mlp_microbench(device: torch.device, dtype: torch.dtype) -> dict:
     return out
 
 
+# Llama-2-7B decode matmuls at batch 1: (name, out_features, in_features)
+DECODE_MATMULS = [("wqkv", 12288, 4096), ("wo", 4096, 4096), ("w13", 22016, 4096), ("w2", 4096, 11008),
+                  ("output", 32000, 4096)]
+
+
+def matmul_microbench(device: torch.device, dtype: torch.dtype) -> dict:
+    """GB/s of one-row matmuls at Llama-2-7B layer shapes: cuBLAS (eager F.linear), inductor's default
+    lowering, max-autotune, and a multiply-and-sum reduction inductor writes as one Triton kernel. Weights
+    rotate over copies larger than L2 together, so each call reads its weight from memory."""
+    cuda = device.type == "cuda"
+    variants = {
+        "cublas": F.linear,
+        "compiled": torch.compile(F.linear),
+        "mul_sum": torch.compile(lambda x, w: (x[:, None, :].float() * w.float()).sum(-1).to(x.dtype)),
+    }
+    if cuda:
+        variants["max_autotune"] = torch.compile(F.linear, mode="max-autotune-no-cudagraphs")
+    out = dict(kind="matmul_microbench", dtype=str(dtype).split(".")[-1], m=1)
+    with torch.no_grad():
+        for name, n, k in DECODE_MATMULS:
+            copies = max(2, int(200e6 // (n * k * 2)) + 1) if cuda else 1
+            ws = [torch.randn(n, k, device=device, dtype=dtype) for _ in range(copies)]
+            x = torch.randn(1, k, device=device, dtype=dtype)
+            ref = F.linear(x.float(), ws[0].float())
+            for variant, fn in variants.items():
+                err = ((fn(x, ws[0]).float() - ref).norm() / ref.norm()).item()
+                assert err < 2e-2, (name, variant, err)
+                it = iter(range(10**9))
+                ms = time_ms(lambda: fn(x, ws[next(it) % copies]), device, reps=20 if cuda else 3,
+                             inner=50 if cuda else 2)
+                out[f"{name}_{variant}_gb_s"] = n * k * 2 / ms / 1e6
+            del ws
+    return out
+
+
 def materialize(cls, args: ModelArgs, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """cls(args) built on meta, cast there (free), then given uninitialised storage on the device."""
     with torch.device("meta"):
@@ -235,6 +270,13 @@ def main(a: argparse.Namespace):
         log(f"bandwidth: copy {bw['copy_gb_s']:.0f} GB/s, read {bw['read_gb_s']:.0f} GB/s "
             f"(sum {bw['sum_gb_s']:.0f}, amax {bw['amax_gb_s']:.0f})")
         free_memory(device)
+    if a.matmul_microbench:
+        records.append(matmul_microbench(device, DTYPES[a.precision]))
+        save(a.out, records[-1], env)
+        free_memory(device)
+    if a.max_autotune:  # let inductor time Triton templates against cuBLAS for every matmul shape
+        import torch._inductor.config as inductor_config
+        inductor_config.max_autotune_gemm = True
     if a.mlp_microbench:
         records.append(mlp_microbench(device, DTYPES[a.precision]))
         save(a.out, records[-1], env)
@@ -253,6 +295,10 @@ def main(a: argparse.Namespace):
         print(f"bandwidth ({bw['size_gb']:.1f} GB bf16): copy {bw['copy_gb_s']:.1f} GB/s, "
               f"read {bw['read_gb_s']:.1f} GB/s (sum {bw['sum_gb_s']:.1f}, amax {bw['amax_gb_s']:.1f})")
     for r in records:
+        if r["kind"] == "matmul_microbench":
+            for name, *_ in DECODE_MATMULS:
+                print(f"matmul {name} M=1: " + ", ".join(f"{k[len(name) + 1:-5]} {v:.0f}" for k, v in r.items()
+                                                         if k.startswith(name + "_")) + " GB/s")
         if r["kind"] == "mlp_microbench":
             print(f"mlp {r['shape']} {r['dtype']}: fused {r['fused_us']:.1f} us ({r['fused_gb_s']:.1f} GB/s), "
                   f"separate {r['separate_us']:.1f} us ({r['separate_gb_s']:.1f} GB/s)")
@@ -282,6 +328,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", type=Path, default=Path("bench_results/results.jsonl"))
     p.add_argument("--bandwidth", action="store_true", help="measure copy and read bandwidth first")
+    p.add_argument("--matmul_microbench", action="store_true",
+                   help="GB/s of one-row matmuls at Llama-2-7B shapes, several lowerings")
+    p.add_argument("--max_autotune", action="store_true", help="inductor autotunes each matmul (max_autotune_gemm)")
     p.add_argument("--mlp_microbench", action="store_true", help="time a fused vs separate gate/up SwiGLU MLP")
     a = p.parse_args()
     if a.prompt_len < 1 or a.max_new_tokens < 2 or a.runs < 1 or a.batch_size < 1:
