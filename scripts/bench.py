@@ -230,6 +230,8 @@ def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_
         runs.append(r)
         log(f"{name}: run {i + 1}: {r['tok_s']:.1f} tok/s, {r['gb_s']:.1f} GB/s, first token {r['ttft_ms']:.1f} ms")
     med = {k: statistics.median(r[k] for r in runs) for k in ("tok_s", "gb_s", "ttft_ms")}
+    if a.profile and device.type == "cuda":
+        profile_decode(model, prompt, kw, device)
     seen = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
     # peak memory: on CUDA since the last reset (per model); on CPU the process's max RSS so far
     return dict(kind="model", model=name, model_args=MODELS[name], precision=a.precision, batch_size=a.batch_size,
@@ -237,6 +239,18 @@ def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_
                 peak_memory_gb=peak_memory_gb(device), weights_gb=sum(seen.values()) / 1e9,
                 weight_read_gb=weight_read / 1e9, step_read_gb=step_bytes / 1e9,
                 fraction_of_read_bw=med["gb_s"] / read_gb_s if read_gb_s else None, runs=runs)
+
+
+def profile_decode(model, prompt, kw, device, steps: int = 21):
+    """Print where a decode step's device time goes: the kernels by total time, per step."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        generate(model, prompt, steps, **kw)
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events)
+    log(f"profile: {total / (steps - 1):.0f} us of kernels per step (prefill included), "
+        f"{sum(e.count for e in events) / (steps - 1):.0f} kernels per step")
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:15]:
+        log(f"  {e.device_time_total / (steps - 1):8.1f} us/step {e.count / (steps - 1):6.1f}x  {e.key[:110]}")
 
 
 def free_memory(device: torch.device):
@@ -330,6 +344,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bandwidth", action="store_true", help="measure copy and read bandwidth first")
     p.add_argument("--matmul_microbench", action="store_true",
                    help="GB/s of one-row matmuls at Llama-2-7B shapes, several lowerings")
+    p.add_argument("--profile", action="store_true", help="print the decode step's kernels by device time")
     p.add_argument("--max_autotune", action="store_true", help="inductor autotunes each matmul (max_autotune_gemm)")
     p.add_argument("--mlp_microbench", action="store_true", help="time a fused vs separate gate/up SwiGLU MLP")
     a = p.parse_args()
