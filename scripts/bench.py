@@ -213,6 +213,10 @@ def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_
     kw = dict(temperature=0.0, stop_ids=())  # greedy; no stop tokens, so every run decodes max_new_tokens
     if a.compile:
         kw["prefill_fn"], kw["decode_fn"] = compile_fns(device)
+        import torch._inductor.config as inductor_config
+        for setting in a.inductor_config:  # experiments on top of compile_fns' settings
+            key, value = setting.split("=", 1)
+            setattr(inductor_config, key, {"True": True, "False": False}.get(value, value))
     prompt = torch.randint(0, args.vocab_size, (a.batch_size, a.prompt_len), device=device)
     t0 = time.perf_counter()
     generate(model, prompt, a.max_new_tokens, **kw)  # compiles and captures CUDA graphs when compiling
@@ -234,7 +238,8 @@ def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_
         profile_decode(model, prompt, kw, device)
     seen = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
     # peak memory: on CUDA since the last reset (per model); on CPU the process's max RSS so far
-    return dict(kind="model", model=name, model_args=MODELS[name], precision=a.precision, batch_size=a.batch_size,
+    return dict(kind="model", model=name, model_args=MODELS[name], precision=a.precision,
+                inductor_config=a.inductor_config, batch_size=a.batch_size,
                 prompt_len=a.prompt_len, max_new_tokens=a.max_new_tokens, compile=a.compile, **med, compile_s=compile_s,
                 peak_memory_gb=peak_memory_gb(device), weights_gb=sum(seen.values()) / 1e9,
                 weight_read_gb=weight_read / 1e9, step_read_gb=step_bytes / 1e9,
@@ -344,6 +349,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bandwidth", action="store_true", help="measure copy and read bandwidth first")
     p.add_argument("--matmul_microbench", action="store_true",
                    help="GB/s of one-row matmuls at Llama-2-7B shapes, several lowerings")
+    p.add_argument("--inductor_config", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an inductor setting after compile_fns, e.g. coordinate_descent_tuning=False")
     p.add_argument("--profile", action="store_true", help="print the decode step's kernels by device time")
     p.add_argument("--max_autotune", action="store_true", help="inductor autotunes each matmul (max_autotune_gemm)")
     p.add_argument("--mlp_microbench", action="store_true", help="time a fused vs separate gate/up SwiGLU MLP")
