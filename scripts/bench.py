@@ -216,7 +216,11 @@ def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_
         import torch._inductor.config as inductor_config
         for setting in a.inductor_config:  # experiments on top of compile_fns' settings
             key, value = setting.split("=", 1)
-            setattr(inductor_config, key, {"True": True, "False": False}.get(value, value))
+            *parents, leaf = key.split(".")  # e.g. triton.enable_pdl
+            target = inductor_config
+            for p in parents:
+                target = getattr(target, p)
+            setattr(target, leaf, {"True": True, "False": False}.get(value, value))
     prompt = torch.randint(0, args.vocab_size, (a.batch_size, a.prompt_len), device=device)
     t0 = time.perf_counter()
     generate(model, prompt, a.max_new_tokens, **kw)  # compiles and captures CUDA graphs when compiling
