@@ -155,17 +155,18 @@ DECODE_MATMULS = [("wqkv", 12288, 4096), ("wo", 4096, 4096), ("w13", 22016, 4096
 
 
 def matmul_microbench(device: torch.device, dtype: torch.dtype) -> dict:
-    """GB/s of one-row matmuls at Llama-2-7B layer shapes: cuBLAS (eager F.linear), inductor's default
-    lowering, max-autotune, and a multiply-and-sum reduction inductor writes as one Triton kernel. Weights
-    rotate over copies larger than L2 together, so each call reads its weight from memory."""
+    """GB/s of one-row matmuls at Llama-2-7B layer shapes: F.linear (cuBLAS on GPU), and a multiply-and-sum
+    reduction that inductor writes as one Triton kernel (what coordinate_descent_tuning turns an M=1 matmul
+    into), without and with max-autotune. On CUDA each variant runs as a CUDA graph of calls cycling over
+    weight copies larger than L2 together, so launch overhead is out and each call reads from memory."""
     cuda = device.type == "cuda"
-    variants = {
-        "cublas": F.linear,
-        "compiled": torch.compile(F.linear),
-        "mul_sum": torch.compile(lambda x, w: (x[:, None, :].float() * w.float()).sum(-1).to(x.dtype)),
-    }
+
+    def mul_sum(x, w):
+        return (x[:, None, :].float() * w.float()).sum(-1).to(x.dtype)
+
+    variants = {"linear": F.linear, "mul_sum": torch.compile(mul_sum)}
     if cuda:
-        variants["max_autotune"] = torch.compile(F.linear, mode="max-autotune-no-cudagraphs")
+        variants["mul_sum_autotuned"] = torch.compile(mul_sum, mode="max-autotune-no-cudagraphs")
     out = dict(kind="matmul_microbench", dtype=str(dtype).split(".")[-1], m=1)
     with torch.no_grad():
         for name, n, k in DECODE_MATMULS:
@@ -176,9 +177,18 @@ def matmul_microbench(device: torch.device, dtype: torch.dtype) -> dict:
             for variant, fn in variants.items():
                 err = ((fn(x, ws[0]).float() - ref).norm() / ref.norm()).item()
                 assert err < 2e-2, (name, variant, err)
-                it = iter(range(10**9))
-                ms = time_ms(lambda: fn(x, ws[next(it) % copies]), device, reps=20 if cuda else 3,
-                             inner=50 if cuda else 2)
+                calls = 4 * copies
+                if cuda:
+                    for w in ws:  # compile and warm every weight before capture
+                        fn(x, w)
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        for i in range(calls):
+                            fn(x, ws[i % copies])
+                    ms = time_ms(graph.replay, device, reps=20) / calls
+                else:
+                    ms = time_ms(lambda: [fn(x, w) for w in ws], device, reps=3) / copies
                 out[f"{name}_{variant}_gb_s"] = n * k * 2 / ms / 1e6
             del ws
     return out
