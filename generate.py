@@ -284,7 +284,7 @@ def main(checkpoint_path: Path, prompt: str, max_new_tokens: int, num_samples: i
     meta = load_checkpoint(checkpoint_path)  # validates cheaply (mmap) before the tokenizer and the weights
     facts = meta.get("tokenizer") or {}
     tokenizer = load_tokenizer(tokenizer_path or find_tokenizer(checkpoint_path), facts.get("special_tokens"),
-                               facts.get("bos_id"), facts.get("eos_ids"))
+                               facts.get("bos_id"), facts.get("eos_ids"), facts.get("pattern"))
     if not facts.get("add_bos", True):
         tokenizer.bos_id = None
     args = ModelArgs.from_dict(meta["model_args"])

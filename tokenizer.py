@@ -114,12 +114,50 @@ def is_tiktoken_file(path) -> bool:
         return False
 
 
+def _byte_level_alphabet() -> dict:
+    """The printable character byte-level BPE (GPT-2's scheme) writes for each byte: printable Latin-1 bytes
+    stand for themselves, the others are moved to code points 256 and up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(shifted)}}
+
+
+def tiktoken_from_tokenizer_json(path) -> tuple:
+    """(ranks, special_tokens, pattern) of a byte-level BPE `tokenizer.json` (Qwen2, Llama 3), whose token ids
+    follow merge order as tiktoken's ranks do."""
+    import json
+
+    spec = json.loads(Path(path).read_text())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise TokenizerError(f"{path}: only byte-level BPE tokenizer.json files can be read, not {model.get('type')}")
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre])
+    splits = [p["pattern"]["Regex"] for p in steps if p.get("type") == "Split" and "Regex" in p.get("pattern", {})]
+    if not splits or not any(p.get("type") == "ByteLevel" for p in steps):
+        raise TokenizerError(f"{path}: not a byte-level BPE with a split pattern (as Qwen2 and Llama 3 have)")
+    alphabet = _byte_level_alphabet()
+    try:
+        ranks = {bytes(alphabet[c] for c in token): i for token, i in model["vocab"].items()}
+    except KeyError:
+        raise TokenizerError(f"{path}: a vocabulary entry is not in the byte-level alphabet") from None
+    special = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    return ranks, special, splits[0]
+
+
+def write_tiktoken_file(path, ranks: dict):
+    """Write ranks as a tiktoken file: one `base64(token bytes) rank` line per token, in rank order."""
+    lines = (base64.b64encode(t) + b" %d\n" % r for t, r in sorted(ranks.items(), key=lambda kv: kv[1]))
+    Path(path).write_bytes(b"".join(lines))
+
+
 def load_tokenizer(path, special_tokens: Optional[dict] = None, bos_id: Optional[int] = None,
-                   eos_ids: Optional[list] = None):
+                   eos_ids: Optional[list] = None, pattern: Optional[str] = None):
     """Open a sentencepiece model or tiktoken file, told apart by content.
 
-    special_tokens, bos_id and eos_ids come from the checkpoint (what the conversion read from the HF files)
-    and take precedence over what the tokenizer file says. `stop_ids` is every id that ends generation.
+    special_tokens, bos_id, eos_ids and pattern (the pre-tokenizer split of a tiktoken file; default Llama 3's)
+    come from the checkpoint (what the conversion read from the HF files) and take precedence over what the
+    tokenizer file says. `stop_ids` is every id that ends generation.
     """
     path = Path(path)
     if not path.is_file():
@@ -128,7 +166,8 @@ def load_tokenizer(path, special_tokens: Optional[dict] = None, bos_id: Optional
     tiktoken_file = False
     try:
         tiktoken_file = is_tiktoken_file(path)
-        tok = TiktokenTokenizer(path, special_tokens) if tiktoken_file else SentencePieceTokenizer(path)
+        tok = (TiktokenTokenizer(path, special_tokens, pattern or LLAMA3_PATTERN) if tiktoken_file
+               else SentencePieceTokenizer(path))
     except TokenizerError:
         raise
     except OSError as e:

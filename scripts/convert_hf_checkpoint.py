@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import ModelArgs, UserError, save_checkpoint  # noqa: E402
+from tokenizer import TokenizerError, tiktoken_from_tokenizer_json, write_tiktoken_file  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -131,6 +132,28 @@ def tokenizer_facts(checkpoint_dir: Path, hf_config: dict) -> dict:
             "chat_format": chat_format, "add_bos": add_bos}
 
 
+def tokenizer_model_from_json(checkpoint_dir: Path, facts: dict):
+    """Where a checkpoint ships only tokenizer.json (Qwen2), write its byte-level BPE as a tiktoken file,
+    DIR/tokenizer.model, and record its split pattern and special tokens in the checkpoint's facts."""
+    if any((checkpoint_dir / p).is_file() for p in ("tokenizer.model", "original/tokenizer.model")):
+        return
+    source = checkpoint_dir / "tokenizer.json"
+    if not source.is_file():
+        print(f"warning: no tokenizer.model or tokenizer.json in {checkpoint_dir}; generate.py will need "
+              "--tokenizer_path", file=sys.stderr)
+        return
+    try:
+        ranks, special, pattern = tiktoken_from_tokenizer_json(source)
+    except TokenizerError as e:
+        print(f"warning: {e}; generate.py will need --tokenizer_path", file=sys.stderr)
+        return
+    tmp = checkpoint_dir / "tokenizer.model.tmp"
+    write_tiktoken_file(tmp, ranks)
+    tmp.replace(checkpoint_dir / "tokenizer.model")
+    facts["special_tokens"] = facts["special_tokens"] or special
+    facts["pattern"] = pattern
+
+
 def convert(checkpoint_dir, dtype: str = None, force: bool = False, output=None) -> Path:
     """Convert DIR's HF checkpoint into DIR/model.pth (or `output`); returns the path written."""
     checkpoint_dir = Path(checkpoint_dir)
@@ -144,7 +167,9 @@ def convert(checkpoint_dir, dtype: str = None, force: bool = False, output=None)
     args = ModelArgs.from_hf_config(hf_config)
     src = SourceWeights(checkpoint_dir)
     state_dict = convert_state_dict(src, args, DTYPES[dtype] if dtype else None)
-    save_checkpoint(output, state_dict, args, tokenizer_facts(checkpoint_dir, hf_config), force=force)
+    facts = tokenizer_facts(checkpoint_dir, hf_config)
+    tokenizer_model_from_json(checkpoint_dir, facts)
+    save_checkpoint(output, state_dict, args, facts, force=force)
     return output
 
 

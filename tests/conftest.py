@@ -73,7 +73,6 @@ def hf_checkpoint(tmp_path_factory):
 
 # --- Tiny tokenizers, trained in-process on a generated corpus (tests/test_tokenizer.py and any test that
 # --- needs a real tokenizer for a tiny model).
-import base64  # noqa: E402
 import collections  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
@@ -158,13 +157,6 @@ def learn_bpe_ranks(corpus=None, n_merges: int = 100) -> dict:
     return ranks
 
 
-def write_tiktoken_file(path, ranks: dict) -> Path:
-    """The tiktoken file format: one `base64(token bytes) rank` line per token, by rank."""
-    path = Path(path)
-    path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in sorted(ranks.items(), key=lambda x: x[1])))
-    return path
-
-
 def tiktoken_specials(n_ranks: int) -> dict:
     """Special tokens (a Llama 3 chat subset, not Meta's layout) placed right after n_ranks ranks."""
     names = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -180,7 +172,11 @@ def sentencepiece_model_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiktoken_file_path(tmp_path_factory):
     """A tiny tiktoken BPE file: 256 byte tokens and 100 merges learned on make_corpus()."""
-    return write_tiktoken_file(tmp_path_factory.mktemp("tiktoken") / "tokenizer.model", learn_bpe_ranks())
+    from tokenizer import write_tiktoken_file
+
+    path = tmp_path_factory.mktemp("tiktoken") / "tokenizer.model"
+    write_tiktoken_file(path, learn_bpe_ranks())
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from conftest import SP_VOCAB_SIZE
+from conftest import SP_VOCAB_SIZE, make_corpus
 from tokenizer import SentencePieceTokenizer, TiktokenTokenizer, TokenizerError, load_tokenizer
 
 TEXTS = [
@@ -280,3 +280,72 @@ def test_tiktoken_ids_match_transformers_tiktoken_converter(tiktoken_file_path, 
     assert {name: hf.token_to_id(name) for name in names} == tiktoken_special_tokens
     for text in TEXTS + ["<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"]:
         assert hf.encode(text, add_special_tokens=False).ids == tt_tok.encode(text), text
+
+
+# Qwen2's pre-tokenizer split (from its tokenizer.json), a byte-level BPE as Qwen2 and Llama 3 ship.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@pytest.fixture(scope="module")
+def byte_level_tokenizer_json(tmp_path_factory):
+    """A Qwen2-style tokenizer.json trained with the tokenizers library, specials after the vocabulary."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(make_corpus(), trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    path = tmp_path_factory.mktemp("bytelevel") / "tokenizer.json"
+    tok.save(str(path))
+    return path, tok
+
+
+def test_byte_level_tokenizer_json_becomes_a_tiktoken_file_with_the_same_ids(byte_level_tokenizer_json, tmp_path):
+    from tokenizer import tiktoken_from_tokenizer_json, write_tiktoken_file
+
+    path, hf = byte_level_tokenizer_json
+    ranks, special, pattern = tiktoken_from_tokenizer_json(path)
+    assert pattern == QWEN2_SPLIT and set(special) == {"<|endoftext|>", "<|im_start|>", "<|im_end|>"}
+    write_tiktoken_file(tmp_path / "tokenizer.model", ranks)
+    ours = load_tokenizer(tmp_path / "tokenizer.model", special, pattern=pattern)
+    for text in TEXTS + ["<|im_start|>user\nhi there<|im_end|>\n"]:
+        assert ours.encode(text) == hf.encode(text).ids, text
+        assert ours.decode(ours.encode(text)) == text
+    assert special["<|im_end|>"] in ours.stop_ids
+
+
+def test_tokenizer_json_that_is_not_byte_level_bpe_is_refused(tmp_path):
+    from tokenizer import tiktoken_from_tokenizer_json
+
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"model": {"type": "Unigram", "vocab": []}}')
+    with pytest.raises(TokenizerError, match="byte-level BPE"):
+        tiktoken_from_tokenizer_json(bad)
+
+
+def test_qwen2_checkpoint_with_only_tokenizer_json_converts_and_generates(byte_level_tokenizer_json, tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    from conftest import ROOT, make_hf_model
+    from convert_hf_checkpoint import convert
+
+    path, hf_tok = byte_level_tokenizer_json
+    make_hf_model("qwen2").save_pretrained(tmp_path)
+    shutil.copy(path, tmp_path / "tokenizer.json")
+    model_path = convert(tmp_path)
+    facts = torch.load(model_path, mmap=True, weights_only=True)["tokenizer"]
+    assert facts["pattern"] == QWEN2_SPLIT and "<|im_end|>" in facts["special_tokens"]
+    assert facts["add_bos"] is False
+    r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint_path", str(model_path),
+                        "--prompt", "def cache(", "--max_new_tokens", "8", "--num_samples", "1", "--device", "cpu",
+                        "--temperature", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("def cache(")
