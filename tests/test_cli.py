@@ -45,10 +45,13 @@ def test_greedy_cli_is_deterministic_and_streams_prompt_and_text(cli_checkpoint)
     assert second.stdout == first.stdout
 
 
-def test_sampling_cli_with_batch_and_synthetic_prompt(cli_checkpoint):
-    r = run("--checkpoint_path", str(cli_checkpoint), "--prompt", "16", "--batch_size", "2", "--top_p", "0.9", *FAST)
+def test_sampling_cli_with_batch_synthetic_prompt_and_profile(cli_checkpoint, tmp_path):
+    trace = tmp_path / "trace.json"
+    r = run("--checkpoint_path", str(cli_checkpoint), "--prompt", "16", "--batch_size", "2", "--top_p", "0.9",
+            "--profile", str(trace), *FAST)
     assert r.returncode == 0, r.stderr
     assert "median of 2" in r.stderr
+    assert trace.stat().st_size > 0
 
 
 def test_missing_checkpoint_is_one_line_error(tmp_path):
