@@ -1,0 +1,46 @@
+"""The same checks on a GPU, where one is present (skipped in CI): CUDA kernels (cuDNN/flash attention with
+a boolean mask and GQA, cuBLAS or inductor's matmuls) against the transformers reference on the CPU."""
+import pytest
+import torch
+
+from conftest import HF_CONFIGS
+from generate import compile_fns, generate, load_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+SEQ = 48
+
+
+def logits(family, hf_checkpoint, dtype):
+    hf, path = hf_checkpoint(family)
+    tokens = torch.randint(3, 320, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    model = load_model(path, "cuda", dtype)
+    model.setup_caches(2, SEQ)
+    with torch.no_grad():
+        return hf(tokens).logits, model(tokens.cuda(), torch.arange(SEQ, device="cuda")).cpu()
+
+
+@pytest.mark.parametrize("family", sorted(HF_CONFIGS))
+def test_float32_cuda_logits_match_transformers(family, hf_checkpoint):
+    # 1e-3, not the CPU tests' 1e-4: GPU kernels sum in other orders (TF32 stays off for float32 matmuls).
+    expected, got = logits(family, hf_checkpoint, torch.float32)
+    assert (got - expected).abs().max().item() <= 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama3.1", "mistral"])
+def test_bfloat16_cuda_logits_are_close_to_float32_reference(family, hf_checkpoint):
+    expected, got = logits(family, hf_checkpoint, torch.bfloat16)
+    rel = ((got - expected).norm() / expected.norm()).item()
+    assert rel <= 2e-2, rel  # bf16 operands: 1e-3..1e-2 expected
+
+
+@pytest.mark.parametrize("family", ["llama3.1", "mistral"])
+def test_cuda_graph_decode_equals_eager(family, hf_checkpoint):
+    _, path = hf_checkpoint(family)
+    model = load_model(path, "cuda", torch.float32)
+    model.setup_caches(1, 64)
+    prompt = torch.randint(3, 320, (10,), generator=torch.Generator().manual_seed(1)).cuda()
+    eager = generate(model, prompt, 40, temperature=0.0)
+    torch._dynamo.reset()
+    prefill_fn, decode_fn = compile_fns("cuda")
+    for _ in range(2):  # the second call replays the captured graph
+        assert generate(model, prompt, 40, temperature=0.0, prefill_fn=prefill_fn, decode_fn=decode_fn) == eager
