@@ -56,18 +56,28 @@ def gemv_triton(x: Tensor, weight: Tensor, bias=None) -> Tensor:
     y = torch.empty(x.shape[:-1] + (n,), device=x.device, dtype=x.dtype)
     cfg = gemv_launch_config(n, k)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
-    bias_ptr = bias if bias is not None else x  # unread when HAS_BIAS is False
-    torch.library.wrap_triton(_gemv_kernel)[grid](x, weight, bias_ptr, y, n, k, weight.stride(0),
-                                                  HAS_BIAS=bias is not None, **cfg)
+    torch.library.wrap_triton(_gemv_kernel)[grid](x, weight, bias if bias is not None else x, y, n, k, weight.stride(0), HAS_BIAS=bias is not None,
+                 **cfg)
     return y
 
 
-if triton is not None:
-    # A custom op, so torch.compile keeps the kernel whole inside its graph (and CUDA graphs capture it)
-    # instead of tracing into Python. Registering declares it; nothing runs.
+def _define_op():
+    """torch.ops.llama_fast.gemv: a custom op, so torch.compile keeps the kernel whole inside its graph
+    (and CUDA graphs capture it) instead of tracing into Python."""
     @torch.library.triton_op("llama_fast::gemv", mutates_args=())
     def gemv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         return gemv_triton(x, weight, bias)
+
+    return gemv
+
+
+_OPS = {}
+
+
+def gemv(x: Tensor, weight: Tensor, bias=None) -> Tensor:
+    if "gemv" not in _OPS:
+        _OPS["gemv"] = _define_op()
+    return _OPS["gemv"](x, weight, bias)
 
 
 class DecodeLinear(nn.Linear):
