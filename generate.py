@@ -15,7 +15,6 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from kernels import use_decode_kernels
 from model import CheckpointError, ModelArgs, Transformer, UserError, load_checkpoint
 from tokenizer import TokenizerError, load_tokenizer
 
@@ -38,10 +37,8 @@ def load_model(checkpoint_path, device, precision=torch.bfloat16) -> Transformer
     except RuntimeError as e:
         raise CheckpointError(f"{checkpoint_path}: weights do not match its config "
                               f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
-    model = model.to(device=device, dtype=precision).eval()
-    if torch.device(device).type == "cuda":
-        use_decode_kernels(model)  # one-row matmuls through our Triton kernel (kernels.py)
-    return model
+    model.checkpoint_meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    return model.to(device=device, dtype=precision).eval()
 
 
 def weight_bytes_per_token(model: Transformer) -> int:

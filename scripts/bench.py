@@ -30,7 +30,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import (DTYPES, compile_fns, generate, kv_cache_bytes, peak_memory_gb,  # noqa: E402
                       weight_bytes_per_token)
-from kernels import use_decode_kernels  # noqa: E402
 from model import FeedForward, ModelArgs, Transformer  # noqa: E402
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -210,18 +209,16 @@ def randomize(module: nn.Module) -> nn.Module:
     return module
 
 
-def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, decode_kernels: bool) -> Transformer:
+def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
     model = materialize(Transformer, args, device, dtype)
     if args.tie_word_embeddings:  # to_empty gives each module its own tensor; share one again
         model.output.weight = model.tok_embeddings.weight
-    if decode_kernels and device.type == "cuda":  # as generate.load_model does
-        use_decode_kernels(model)
     return randomize(model)
 
 
-def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_s, decode_kernels: bool) -> dict:
+def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_s) -> dict:
     args = ModelArgs(**MODELS[name])
-    model = build_model(args, device, DTYPES[a.precision], decode_kernels)
+    model = build_model(args, device, DTYPES[a.precision])
     model.setup_caches(a.batch_size, a.prompt_len + a.max_new_tokens)
     kw = dict(temperature=0.0, stop_ids=())  # greedy; no stop tokens, so every run decodes max_new_tokens
     if a.compile:
@@ -256,7 +253,7 @@ def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_
     seen = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
     # peak memory: on CUDA since the last reset (per model); on CPU the process's max RSS so far
     return dict(kind="model", model=name, model_args=MODELS[name], precision=a.precision,
-                inductor_config=a.inductor_config, decode_kernels=decode_kernels, batch_size=a.batch_size,
+                inductor_config=a.inductor_config, batch_size=a.batch_size,
                 prompt_len=a.prompt_len, max_new_tokens=a.max_new_tokens, compile=a.compile, **med, compile_s=compile_s,
                 peak_memory_gb=peak_memory_gb(device), weights_gb=sum(seen.values()) / 1e9,
                 weight_read_gb=weight_read / 1e9, step_read_gb=step_bytes / 1e9,
@@ -318,16 +315,14 @@ def main(a: argparse.Namespace):
         save(a.out, records[-1], env)
         log(f"mlp: fused {records[-1]['fused_us']:.1f} us, separate {records[-1]['separate_us']:.1f} us")
         free_memory(device)
-    kernel_settings = [False, True] if a.compare_decode_kernels else [a.decode_kernels]
     for name in a.model:
-        for decode_kernels in kernel_settings:
-            try:
-                records.append(bench_model(name, a, device, bw and bw["read_gb_s"], decode_kernels))
-            except torch.cuda.OutOfMemoryError as e:
-                log(f"{name}: out of memory: {str(e).splitlines()[0]}")
-                records.append(dict(kind="model", model=name, error="out of memory", decode_kernels=decode_kernels))
-            free_memory(device)  # the model's last reference was in bench_model's frame
-            save(a.out, records[-1], env)
+        try:
+            records.append(bench_model(name, a, device, bw and bw["read_gb_s"]))
+        except torch.cuda.OutOfMemoryError as e:
+            log(f"{name}: out of memory: {str(e).splitlines()[0]}")
+            records.append(dict(kind="model", model=name, error="out of memory"))
+        free_memory(device)  # the model's last reference was in bench_model's frame
+        save(a.out, records[-1], env)
     print(f"\n{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}")
     if bw:
         print(f"bandwidth ({bw['size_gb']:.1f} GB bf16): copy {bw['copy_gb_s']:.1f} GB/s, "
@@ -340,17 +335,16 @@ def main(a: argparse.Namespace):
         if r["kind"] == "mlp_microbench":
             print(f"mlp {r['shape']} {r['dtype']}: fused {r['fused_us']:.1f} us ({r['fused_gb_s']:.1f} GB/s), "
                   f"separate {r['separate_us']:.1f} us ({r['separate_gb_s']:.1f} GB/s)")
-    header = (f"{'model':<16}{'tok/s':>10}{'GB/s':>9}{'%read':>7}{'TTFT ms':>9}{'compile s':>10}{'peak GB':>9}"
+    header = (f"{'model':<14}{'tok/s':>10}{'GB/s':>9}{'%read':>7}{'TTFT ms':>9}{'compile s':>10}{'peak GB':>9}"
               f"{'weights GB':>11}")
     print(header + "\n" + "-" * len(header))
     for r in (r for r in records if r["kind"] == "model"):
         if "error" in r:
-            print(f"{r['model'] + ('+k' if r['decode_kernels'] else ''):<16}{r['error']:>10}")
+            print(f"{r['model']:<14}{r['error']:>10}")
         else:
             frac = "-" if r["fraction_of_read_bw"] is None else f"{100 * r['fraction_of_read_bw']:.0f}"
-            print(f"{r['model'] + ('+k' if r['decode_kernels'] else ''):<16}{r['tok_s']:>10.1f}{r['gb_s']:>9.2f}{frac:>7}{r['ttft_ms']:>9.1f}"
+            print(f"{r['model']:<14}{r['tok_s']:>10.1f}{r['gb_s']:>9.2f}{frac:>7}{r['ttft_ms']:>9.1f}"
                   f"{r['compile_s']:>10.1f}{r['peak_memory_gb']:>9.3f}{r['weights_gb']:>11.3f}")
-    print("+k: one-row matmuls through kernels.py's Triton kernel (generate.py's default on CUDA)")
     print(f"batch {a.batch_size}, prompt {a.prompt_len}, {a.max_new_tokens} new tokens, {a.precision}, "
           f"compile {'on' if a.compile else 'off'}, median of {a.runs}; appended to {a.out}")
 
@@ -371,10 +365,6 @@ def parse_args() -> argparse.Namespace:
                    help="GB/s of one-row matmuls at Llama-2-7B shapes, several lowerings")
     p.add_argument("--inductor_config", action="append", default=[], metavar="KEY=VALUE",
                    help="override an inductor setting after compile_fns, e.g. coordinate_descent_tuning=False")
-    p.add_argument("--decode_kernels", action=argparse.BooleanOptionalAction, default=True,
-                   help="one-row matmuls through kernels.py's Triton kernel on CUDA, as generate.py does")
-    p.add_argument("--compare_decode_kernels", action="store_true",
-                   help="run each model without, then with, the decode kernels, in this process")
     p.add_argument("--profile", action="store_true", help="print the decode step's kernels by device time")
     p.add_argument("--max_autotune", action="store_true", help="inductor autotunes each matmul (max_autotune_gemm)")
     p.add_argument("--mlp_microbench", action="store_true", help="time a fused vs separate gate/up SwiGLU MLP")
