@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from model import CheckpointError, ModelArgs, Transformer, UserError, load_checkpoint
+from quantize import swap_linears
 from tokenizer import TokenizerError, load_tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -27,11 +28,10 @@ def load_model(checkpoint_path, device, precision=torch.bfloat16) -> Transformer
     """Build the model on the meta device and assign the memory-mapped weights, then move to device/dtype."""
     ckpt = load_checkpoint(checkpoint_path)
     args = ModelArgs.from_dict(ckpt["model_args"])
-    if ckpt.get("quantization"):
-        raise CheckpointError(f"{checkpoint_path} is quantized ({ckpt['quantization']}); this version reads "
-                              "float checkpoints only")
     with torch.device("meta"):
         model = Transformer(args)
+    if ckpt.get("quantization"):  # the scheme comes from the checkpoint, never from its name
+        swap_linears(model, ckpt["quantization"])
     try:
         model.load_state_dict(ckpt["state_dict"], assign=True)
     except RuntimeError as e:

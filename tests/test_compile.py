@@ -47,3 +47,16 @@ def test_compiled_sampling_with_top_k_and_top_p_runs_in_one_graph(hf_checkpoint)
             assert all(0 <= t < 320 for r in rows for t in r)
     finally:
         torch._dynamo.config.error_on_recompile = old
+
+
+def test_compiled_int8_decode_equals_eager(hf_checkpoint, tmp_path):
+    from quantize import quantize_checkpoint
+
+    _, path = hf_checkpoint("qwen2")
+    model = load_model(quantize_checkpoint(path, "int8", output=tmp_path / "q.pth"), "cpu", torch.float32)
+    model.setup_caches(1, 48)
+    prompt = torch.randint(3, 320, (8,), generator=torch.Generator().manual_seed(4))
+    eager = generate(model, prompt, 20, temperature=0.0)
+    torch._dynamo.reset()
+    prefill_fn, decode_fn = compile_fns("cpu")
+    assert generate(model, prompt, 20, temperature=0.0, prefill_fn=prefill_fn, decode_fn=decode_fn) == eager
