@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import (DTYPES, compile_fns, generate, kv_cache_bytes, peak_memory_gb,  # noqa: E402
                       weight_bytes_per_token)
 from model import FeedForward, ModelArgs, Transformer  # noqa: E402
+from quantize import SCHEMES, quantizable_linears, quantize_state_dict, swap_linears  # noqa: E402
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -209,16 +210,23 @@ def randomize(module: nn.Module) -> nn.Module:
     return module
 
 
-def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> Transformer:
+def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, quantization: str) -> Transformer:
     model = materialize(Transformer, args, device, dtype)
     if args.tie_word_embeddings:  # to_empty gives each module its own tensor; share one again
         model.output.weight = model.tok_embeddings.weight
-    return randomize(model)
+    randomize(model)
+    if quantization != "none":  # quantize.py's own conversion, applied to the model in memory
+        names = [name for name, *_ in quantizable_linears(model)]
+        state_dict = quantize_state_dict(model.state_dict(), names, quantization)
+        swap_linears(model, {"scheme": quantization})
+        model.load_state_dict(state_dict, assign=True)
+        del state_dict
+    return model
 
 
-def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_s) -> dict:
+def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_s, quantization: str) -> dict:
     args = ModelArgs(**MODELS[name])
-    model = build_model(args, device, DTYPES[a.precision])
+    model = build_model(args, device, DTYPES[a.precision], quantization)
     model.setup_caches(a.batch_size, a.prompt_len + a.max_new_tokens)
     kw = dict(temperature=0.0, stop_ids=())  # greedy; no stop tokens, so every run decodes max_new_tokens
     if a.compile:
@@ -250,9 +258,10 @@ def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_
     med = {k: statistics.median(r[k] for r in runs) for k in ("tok_s", "gb_s", "ttft_ms")}
     if a.profile and device.type == "cuda":
         profile_decode(model, prompt, kw, device)
-    seen = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    # every stored tensor (int8 weights are buffers), shared ones once; caches are not in the state dict
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
     # peak memory: on CUDA since the last reset (per model); on CPU the process's max RSS so far
-    return dict(kind="model", model=name, model_args=MODELS[name], precision=a.precision,
+    return dict(kind="model", model=name, model_args=MODELS[name], precision=a.precision, quantization=quantization,
                 inductor_config=a.inductor_config, batch_size=a.batch_size,
                 prompt_len=a.prompt_len, max_new_tokens=a.max_new_tokens, compile=a.compile, **med, compile_s=compile_s,
                 peak_memory_gb=peak_memory_gb(device), weights_gb=sum(seen.values()) / 1e9,
@@ -270,6 +279,11 @@ def profile_decode(model, prompt, kw, device, steps: int = 21):
         f"{sum(e.count for e in events) / (steps - 1):.0f} kernels per step")
     for e in sorted(events, key=lambda e: -e.device_time_total)[:15]:
         log(f"  {e.device_time_total / (steps - 1):8.1f} us/step {e.count / (steps - 1):6.1f}x  {e.key[:110]}")
+
+
+def label(record: dict) -> str:
+    q = record.get("quantization", "none")
+    return record["model"] + ("" if q == "none" else f" {q}")
 
 
 def free_memory(device: torch.device):
@@ -316,13 +330,14 @@ def main(a: argparse.Namespace):
         log(f"mlp: fused {records[-1]['fused_us']:.1f} us, separate {records[-1]['separate_us']:.1f} us")
         free_memory(device)
     for name in a.model:
-        try:
-            records.append(bench_model(name, a, device, bw and bw["read_gb_s"]))
-        except torch.cuda.OutOfMemoryError as e:
-            log(f"{name}: out of memory: {str(e).splitlines()[0]}")
-            records.append(dict(kind="model", model=name, error="out of memory"))
-        free_memory(device)  # the model's last reference was in bench_model's frame
-        save(a.out, records[-1], env)
+        for quantization in a.quantize or ["none"]:
+            try:
+                records.append(bench_model(name, a, device, bw and bw["read_gb_s"], quantization))
+            except torch.cuda.OutOfMemoryError as e:
+                log(f"{name}: out of memory: {str(e).splitlines()[0]}")
+                records.append(dict(kind="model", model=name, quantization=quantization, error="out of memory"))
+            free_memory(device)  # the model's last reference was in bench_model's frame
+            save(a.out, records[-1], env)
     print(f"\n{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}")
     if bw:
         print(f"bandwidth ({bw['size_gb']:.1f} GB bf16): copy {bw['copy_gb_s']:.1f} GB/s, "
@@ -335,15 +350,15 @@ def main(a: argparse.Namespace):
         if r["kind"] == "mlp_microbench":
             print(f"mlp {r['shape']} {r['dtype']}: fused {r['fused_us']:.1f} us ({r['fused_gb_s']:.1f} GB/s), "
                   f"separate {r['separate_us']:.1f} us ({r['separate_gb_s']:.1f} GB/s)")
-    header = (f"{'model':<14}{'tok/s':>10}{'GB/s':>9}{'%read':>7}{'TTFT ms':>9}{'compile s':>10}{'peak GB':>9}"
+    header = (f"{'model':<20}{'tok/s':>10}{'GB/s':>9}{'%read':>7}{'TTFT ms':>9}{'compile s':>10}{'peak GB':>9}"
               f"{'weights GB':>11}")
     print(header + "\n" + "-" * len(header))
     for r in (r for r in records if r["kind"] == "model"):
         if "error" in r:
-            print(f"{r['model']:<14}{r['error']:>10}")
+            print(f"{label(r):<20}{r['error']:>10}")
         else:
             frac = "-" if r["fraction_of_read_bw"] is None else f"{100 * r['fraction_of_read_bw']:.0f}"
-            print(f"{r['model']:<14}{r['tok_s']:>10.1f}{r['gb_s']:>9.2f}{frac:>7}{r['ttft_ms']:>9.1f}"
+            print(f"{label(r):<20}{r['tok_s']:>10.1f}{r['gb_s']:>9.2f}{frac:>7}{r['ttft_ms']:>9.1f}"
                   f"{r['compile_s']:>10.1f}{r['peak_memory_gb']:>9.3f}{r['weights_gb']:>11.3f}")
     print(f"batch {a.batch_size}, prompt {a.prompt_len}, {a.max_new_tokens} new tokens, {a.precision}, "
           f"compile {'on' if a.compile else 'off'}, median of {a.runs}; appended to {a.out}")
@@ -365,6 +380,8 @@ def parse_args() -> argparse.Namespace:
                    help="GB/s of one-row matmuls at Llama-2-7B shapes, several lowerings")
     p.add_argument("--inductor_config", action="append", default=[], metavar="KEY=VALUE",
                    help="override an inductor setting after compile_fns, e.g. coordinate_descent_tuning=False")
+    p.add_argument("--quantize", action="append", choices=["none", *SCHEMES],
+                   help="weights as quantize.py converts them; repeat to compare in one run (default: none)")
     p.add_argument("--profile", action="store_true", help="print the decode step's kernels by device time")
     p.add_argument("--max_autotune", action="store_true", help="inductor autotunes each matmul (max_autotune_gemm)")
     p.add_argument("--mlp_microbench", action="store_true", help="time a fused vs separate gate/up SwiGLU MLP")
