@@ -24,9 +24,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 # ----------------------------------------------------------------------------------------------- loading
 
-def load_model(checkpoint_path, device, precision=torch.bfloat16) -> Transformer:
-    """Build the model on the meta device and assign the memory-mapped weights, then move to device/dtype."""
-    ckpt = load_checkpoint(checkpoint_path)
+def load_model(checkpoint_path, device, precision=torch.bfloat16, checkpoint: Optional[dict] = None) -> Transformer:
+    """Build the model on the meta device and assign the memory-mapped weights, then move to device/dtype.
+    `checkpoint`: the already-opened load_checkpoint(checkpoint_path), to avoid opening it twice."""
+    ckpt = checkpoint if checkpoint is not None else load_checkpoint(checkpoint_path)
     args = ModelArgs.from_dict(ckpt["model_args"])
     with torch.device("meta"):
         model = Transformer(args)
@@ -37,7 +38,6 @@ def load_model(checkpoint_path, device, precision=torch.bfloat16) -> Transformer
     except RuntimeError as e:
         raise CheckpointError(f"{checkpoint_path}: weights do not match its config "
                               f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
-    model.checkpoint_meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
     return model.to(device=device, dtype=precision).eval()
 
 
@@ -281,14 +281,13 @@ def main(checkpoint_path: Path, prompt: str, max_new_tokens: int, num_samples: i
     if not checkpoint_path.is_file():
         raise CheckpointError(f"checkpoint {checkpoint_path} not found; convert one with "
                               "scripts/convert_hf_checkpoint.py")
-    meta = load_checkpoint(checkpoint_path)  # validates cheaply (mmap) before the tokenizer and the weights
-    facts = meta.get("tokenizer") or {}
+    ckpt = load_checkpoint(checkpoint_path)  # validates cheaply (mmap) before the tokenizer and the weights
+    facts = ckpt.get("tokenizer") or {}
     tokenizer = load_tokenizer(tokenizer_path or find_tokenizer(checkpoint_path), facts.get("special_tokens"),
                                facts.get("bos_id"), facts.get("eos_ids"), facts.get("pattern"))
     if not facts.get("add_bos", True):
         tokenizer.bos_id = None
-    args = ModelArgs.from_dict(meta["model_args"])
-    del meta
+    args = ModelArgs.from_dict(ckpt["model_args"])
     if tokenizer.vocab_size > args.vocab_size:
         raise TokenizerError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                              f"{args.vocab_size}; is it the checkpoint's own tokenizer?")
@@ -306,7 +305,8 @@ def main(checkpoint_path: Path, prompt: str, max_new_tokens: int, num_samples: i
                             f"exceeds the model's context of {args.max_seq_len}; shorten one of them")
 
     t0 = time.perf_counter()
-    model = load_model(checkpoint_path, device, DTYPES[precision])
+    model = load_model(checkpoint_path, device, DTYPES[precision], checkpoint=ckpt)
+    del ckpt
     _sync(device)
     log(f"loaded {checkpoint_path} in {time.perf_counter() - t0:.1f} s")
     model.setup_caches(batch_size, cache_len)

@@ -148,8 +148,11 @@ def tokenizer_model_from_json(checkpoint_dir: Path, facts: dict):
         print(f"warning: {e}; generate.py will need --tokenizer_path", file=sys.stderr)
         return
     tmp = checkpoint_dir / "tokenizer.model.tmp"
-    write_tiktoken_file(tmp, ranks)
-    tmp.replace(checkpoint_dir / "tokenizer.model")
+    try:
+        write_tiktoken_file(tmp, ranks)
+        tmp.replace(checkpoint_dir / "tokenizer.model")
+    finally:
+        tmp.unlink(missing_ok=True)  # interrupted: leave nothing half-written
     facts["special_tokens"] = facts["special_tokens"] or special
     facts["pattern"] = pattern
 
