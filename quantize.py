@@ -1,16 +1,29 @@
 """Weight-only quantization: the conversion step and the runtime linear layers that read its checkpoints.
 
-    python quantize.py --checkpoint_path checkpoints/.../model.pth --mode int8     # -> model_int8.pth
+    python quantize.py --checkpoint_path checkpoints/.../model.pth --mode int8                  # -> model_int8.pth
+    python quantize.py --checkpoint_path checkpoints/.../model.pth --mode int4 --groupsize 128  # -> model_int4.g128.pth
 
-int8: each output row of a weight is scaled by its own absolute maximum / 127 and rounded (symmetric, per
-output channel). The runtime layer multiplies by the float weight it dequantizes on the fly and scales the
-result; under torch.compile the dequantization fuses into the matmul, so a decode step reads 1 byte per weight
-instead of 2. The scheme is recorded in the checkpoint and generate.py swaps the layers from that record,
-never from the file name.
+The scheme is recorded in the checkpoint ({"scheme": "int8"} or {"scheme": "int4", "group_size": 128}) and
+generate.py swaps the layers from that record, never from the file name.
 
-Layout (for tensor parallelism to shard): Int8Linear.weight is int8 [out_features, in_features], exactly the
-float weight's shape; Int8Linear.scales is [out_features]. Both split along out_features together (column
-parallel), and a row-parallel split along in_features keeps scales whole.
+int8: each output row is scaled by its absolute maximum / 127 and rounded (symmetric, per output channel). The
+runtime layer dequantizes on the fly; under torch.compile that fuses into the matmul, so a decode step reads 1
+byte per weight instead of 2.
+
+int4: each row is cut into groups of `group_size` input columns (32, 64, 128 or 256); a group's weights map
+to 16 levels between its minimum and maximum, w ~= q * scale + offset with q in 0..15 (asymmetric: the
+offset is the group minimum; tests/test_quantize.py measures that this loses less than a symmetric grid).
+On CUDA the layer runs int4_matmul, a Triton kernel below; elsewhere it dequantizes in PyTorch, which is also
+the kernel's test oracle.
+
+Layouts (portable: plain tensors, the same checkpoint loads on any device; tensor parallelism shards them):
+- Int8Linear.weight: int8 [out_features, in_features], the float weight's shape; .scales: [out_features].
+- Int4Linear.weight: uint8 [out_features, padded_in // 2]; byte j of a row holds input column 2j in its low
+  nibble and 2j + 1 in its high nibble. padded_in is in_features rounded up to a multiple of group_size; the
+  padding columns are zero and the kernel never reads past in_features of x. .scales and .offsets:
+  [out_features, padded_in // group_size], in the model's float dtype.
+- Column-parallel (split out_features): split every tensor's rows. Row-parallel (split in_features): split
+  weight columns and scales/offsets columns at group boundaries (in_features / world a multiple of group_size).
 """
 import argparse
 import sys
@@ -24,8 +37,17 @@ from torch import Tensor
 
 from model import CheckpointError, UserError, load_checkpoint, save_checkpoint
 
-SCHEMES = ("int8",)
+try:  # Triton ships with CUDA builds of torch; without it the int4 layer uses its PyTorch path
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
+SCHEMES = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+# ------------------------------------------------------------------------------------------------- int8
 
 def quantize_int8(weight: Tensor) -> tuple:
     """Symmetric per-output-channel int8: (q [N, K] int8, scales [N]) with weight ~= q * scales[:, None]."""
@@ -50,6 +72,127 @@ class Int8Linear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
+# ------------------------------------------------------------------------------------------------- int4
+
+def quantize_int4(weight: Tensor, group_size: int, symmetric: bool = False) -> tuple:
+    """Groupwise int4: (packed uint8 [N, Kp // 2], scales [N, Kp // g], offsets [N, Kp // g]) with
+    weight ~= q * scale + offset per group, Kp = K rounded up to the group size (zero padding).
+    symmetric=True puts the grid symmetric around zero (offset = -8 * scale), kept for comparison."""
+    n, k = weight.shape
+    padded = -(-k // group_size) * group_size
+    w = F.pad(weight.float(), (0, padded - k)).view(n, padded // group_size, group_size)
+    tiny = torch.finfo(torch.float32).tiny
+    if symmetric:
+        scales = (w.abs().amax(dim=-1) / 7).clamp(min=tiny)
+        offsets = -8 * scales
+    else:
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        scales, offsets = ((hi - lo) / 15).clamp(min=tiny), lo
+    # round against the scales and offsets as they will be stored, so storage rounding does not add error
+    scales, offsets = scales.to(weight.dtype), offsets.to(weight.dtype)
+    q = torch.round((w - offsets.float()[..., None]) / scales.float()[..., None]).clamp(0, 15).to(torch.uint8)
+    q = q.view(n, padded)
+    return q[:, 0::2] | (q[:, 1::2] << 4), scales, offsets
+
+
+def dequantize_int4(packed: Tensor, scales: Tensor, offsets: Tensor, in_features: int, dtype) -> Tensor:
+    """The float weight [N, in_features] that quantize_int4's output stands for."""
+    n = packed.shape[0]
+    q = torch.stack((packed & 15, packed >> 4), dim=-1).view(n, scales.shape[1], -1)  # [N, groups, g]
+    w = q.float() * scales.float()[..., None] + offsets.float()[..., None]
+    return w.view(n, -1)[:, :in_features].to(dtype)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ dequant(q).T (+ bias) for groupwise int4 weights in the layout described at the top."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 128,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = -(-in_features // group_size)
+        self.register_buffer("weight", torch.empty(out_features, groups * group_size // 2, dtype=torch.uint8,
+                                                   device=device))
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("offsets", torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda and triton is not None:
+            y = int4_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.scales, self.offsets, self.group_size)
+            y = y.view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, dequantize_int4(self.weight, self.scales, self.offsets, self.in_features, x.dtype))
+        return y + self.bias if self.bias is not None else y
+
+
+if triton is not None:
+    @triton.jit
+    def _int4_matmul_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+                            GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """y[M, N] = x[M, K] @ dequant(w).T. A block of BLOCK_K columns spans whole groups or lies in one.
+        USE_DOT=False (M = 1, decode): the group sums are factored, sum_k x q s + o = s * sum_k x q + o * sum_k x,
+        so the 16 levels are never scaled one by one. USE_DOT=True: dequantize in registers, tensor-core dot."""
+        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        n_ok, m_ok = rn < N, rm < M
+        SPAN: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP  # columns sharing one scale in a block
+        NG: tl.constexpr = BLOCK_K // SPAN  # groups per block
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, tl.cdiv(K, BLOCK_K) * BLOCK_K, BLOCK_K):
+            j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # packed byte index; holds columns 2j (low), 2j + 1 (high)
+            packed = tl.load(w_ptr + rn[:, None] * stride_wn + j[None, :], mask=n_ok[:, None] & (2 * j < K)[None, :],
+                             other=0)
+            lo, hi = (packed & 15).to(tl.float32), (packed >> 4).to(tl.float32)  # [BN, BK / 2]
+            x_even = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * j[None, :],
+                             mask=m_ok[:, None] & (2 * j < K)[None, :], other=0.0).to(tl.float32)
+            x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * j[None, :] + 1,
+                            mask=m_ok[:, None] & (2 * j + 1 < K)[None, :], other=0.0).to(tl.float32)
+            g = (k0 + tl.arange(0, NG) * SPAN) // GROUP  # the group of each SPAN-column piece
+            s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
+            o = tl.load(o_ptr + rn[:, None] * stride_sn + g[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
+            if USE_DOT:  # NG == 1 here (the launcher keeps BLOCK_K <= GROUP)
+                w_lo = (lo * s + o).to(y_ptr.dtype.element_ty)
+                w_hi = (hi * s + o).to(y_ptr.dtype.element_ty)
+                acc += tl.dot(x_even.to(y_ptr.dtype.element_ty), tl.trans(w_lo), input_precision=DOT_PRECISION)
+                acc += tl.dot(x_odd.to(y_ptr.dtype.element_ty), tl.trans(w_hi), input_precision=DOT_PRECISION)
+            else:  # BLOCK_M == 1
+                xq = (tl.reshape(x_even, (1, NG, SPAN // 2)) * tl.reshape(lo, (BLOCK_N, NG, SPAN // 2))
+                      + tl.reshape(x_odd, (1, NG, SPAN // 2)) * tl.reshape(hi, (BLOCK_N, NG, SPAN // 2)))
+                x_sum = tl.sum(tl.reshape(x_even + x_odd, (1, NG, SPAN // 2)), axis=2)  # [1, NG]
+                acc += tl.sum(tl.sum(xq, axis=2) * s + x_sum * o, axis=1)[None, :]
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+def int4_config(m: int, n: int, group_size: int) -> dict:
+    """Block sizes and warps for int4_matmul; decode (m = 1) takes the GEMV form (tuned on H100/H200 with
+    scripts/bench.py --int4_sweep), larger m the tensor-core form."""
+    if m == 1:
+        return dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=max(512, group_size), USE_DOT=False, num_warps=4)
+    block_m = 16 if m <= 16 else 64
+    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=min(group_size, 128), USE_DOT=True, num_warps=4)
+
+
+def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, group_size: int,
+                config: Optional[dict] = None) -> Tensor:
+    """x [M, K] @ dequant(packed).T -> [M, N] with the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    m, k = x.shape
+    n = packed.shape[0]
+    config = config or int4_config(m, n, group_size)
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]))
+    # float32 inputs get exact float32 products, not TF32's 10-bit mantissas
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    _int4_matmul_kernel[grid](x, packed, scales, offsets, y, m, n, k, x.stride(0), packed.stride(0),
+                              scales.stride(0), y.stride(0), GROUP=group_size, DOT_PRECISION=precision, **config)
+    return y
+
+
+# ---------------------------------------------------------------------------------------- model surgery
+
 def quantizable_linears(model: nn.Module):
     """(qualified name, parent, attribute, linear) for every plain nn.Linear except an output head tied to the
     embedding, which stays float so the table is stored once."""
@@ -60,40 +203,59 @@ def quantizable_linears(model: nn.Module):
                 yield f"{parent_name}.{name}" if parent_name else name, parent, name, child
 
 
+def make_scheme(mode: str, group_size: int = 128) -> dict:
+    """The checkpoint's record of a --mode (and --groupsize for int4)."""
+    if mode not in SCHEMES:
+        raise UserError(f"unknown --mode {mode!r}; known: {', '.join(SCHEMES)}")
+    if mode == "int4":
+        if group_size not in INT4_GROUP_SIZES:
+            raise UserError(f"--groupsize {group_size} is not supported; use one of {INT4_GROUP_SIZES}")
+        return {"scheme": "int4", "group_size": group_size}
+    return {"scheme": mode}
+
+
 def swap_linears(model: nn.Module, scheme: dict) -> nn.Module:
     """Replace the model's linears by the runtime layers of `scheme` (a checkpoint's "quantization" record),
     in place, keeping each layer's device; weights are filled afterwards by load_state_dict."""
     kind = scheme.get("scheme")
-    if kind != "int8":
-        raise CheckpointError(f"unknown quantization scheme {kind!r}; known: {', '.join(SCHEMES)}")
+    if kind not in SCHEMES or (kind == "int4" and scheme.get("group_size") not in INT4_GROUP_SIZES):
+        raise CheckpointError(f"unknown quantization scheme {scheme}; known: {', '.join(SCHEMES)}")
     for _, parent, name, lin in quantizable_linears(model):
-        setattr(parent, name, Int8Linear(lin.in_features, lin.out_features, lin.bias is not None,
-                                         device=lin.weight.device, dtype=lin.weight.dtype))
+        kw = dict(bias=lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype)
+        if kind == "int4":
+            layer = Int4Linear(lin.in_features, lin.out_features, group_size=scheme["group_size"], **kw)
+        else:
+            layer = Int8Linear(lin.in_features, lin.out_features, **kw)
+        setattr(parent, name, layer)
     return model
 
 
 @torch.no_grad()
-def quantize_state_dict(state_dict: dict, linear_names: list, mode: str) -> dict:
-    """A copy of state_dict with each named linear's weight quantized (its '.scales' added)."""
+def quantize_state_dict(state_dict: dict, linear_names: list, scheme: dict) -> dict:
+    """A copy of state_dict with each named linear's weight quantized (and its scales/offsets added)."""
     out = dict(state_dict)
     for name in linear_names:
-        q, scales = quantize_int8(state_dict[f"{name}.weight"])
-        out[f"{name}.weight"], out[f"{name}.scales"] = q, scales
+        w = state_dict[f"{name}.weight"]
+        if scheme["scheme"] == "int4":
+            out[f"{name}.weight"], out[f"{name}.scales"], out[f"{name}.offsets"] = quantize_int4(w, scheme["group_size"])
+        else:
+            out[f"{name}.weight"], out[f"{name}.scales"] = quantize_int8(w)
     return out
 
 
-def default_output_path(checkpoint_path: Path, mode: str) -> Path:
-    return checkpoint_path.with_name(f"{checkpoint_path.stem}_{mode}{checkpoint_path.suffix}")
+def default_output_path(checkpoint_path: Path, scheme: dict) -> Path:
+    tag = scheme["scheme"] + (f".g{scheme['group_size']}" if "group_size" in scheme else "")
+    return checkpoint_path.with_name(f"{checkpoint_path.stem}_{tag}{checkpoint_path.suffix}")
 
 
-def quantize_checkpoint(checkpoint_path, mode: str, output: Optional[Path] = None, force: bool = False) -> Path:
+def quantize_checkpoint(checkpoint_path, mode: str, output: Optional[Path] = None, force: bool = False,
+                        group_size: int = 128) -> Path:
     """Write a quantized copy of a float checkpoint; returns its path."""
     from model import ModelArgs, Transformer
 
-    if mode not in SCHEMES:
-        raise UserError(f"unknown --mode {mode!r}; known: {', '.join(SCHEMES)}")
+    scheme = make_scheme(mode, group_size)
     checkpoint_path = Path(checkpoint_path)
-    output = Path(output) if output else default_output_path(checkpoint_path, mode)
+    output = Path(output) if output else default_output_path(checkpoint_path, scheme)
     if output.exists() and not force:
         raise UserError(f"{output} exists; pass --force to overwrite it")
     ckpt = load_checkpoint(checkpoint_path)
@@ -104,20 +266,23 @@ def quantize_checkpoint(checkpoint_path, mode: str, output: Optional[Path] = Non
     with torch.device("meta"):
         model = Transformer(args)
     names = [name for name, *_ in quantizable_linears(model)]
-    state_dict = quantize_state_dict(ckpt["state_dict"], names, mode)
-    save_checkpoint(output, state_dict, args, ckpt.get("tokenizer"), quantization={"scheme": mode}, force=force)
+    state_dict = quantize_state_dict(ckpt["state_dict"], names, scheme)
+    save_checkpoint(output, state_dict, args, ckpt.get("tokenizer"), quantization=scheme, force=force)
     return output
 
 
-def main(checkpoint_path: Path, mode: str, output: Optional[Path], force: bool):
-    print(f"wrote {quantize_checkpoint(checkpoint_path, mode, output, force)}")
+def main(checkpoint_path: Path, mode: str, groupsize: int, output: Optional[Path], force: bool):
+    print(f"wrote {quantize_checkpoint(checkpoint_path, mode, output, force, groupsize)}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Quantize a checkpoint's weights (weight-only).")
     parser.add_argument("--checkpoint_path", type=Path, required=True, help="a float model.pth")
     parser.add_argument("--mode", choices=SCHEMES, required=True)
-    parser.add_argument("--output", type=Path, default=None, help="default: beside the input, e.g. model_int8.pth")
+    parser.add_argument("--groupsize", type=int, default=128, choices=INT4_GROUP_SIZES,
+                        help="int4: input columns sharing one scale and offset")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="default: beside the input, e.g. model_int8.pth, model_int4.g128.pth")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     try:
         main(**vars(parser.parse_args()))

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import (DTYPES, compile_fns, generate, kv_cache_bytes, peak_memory_gb,  # noqa: E402
                       weight_bytes_per_token)
 from model import FeedForward, ModelArgs, Transformer  # noqa: E402
-from quantize import SCHEMES, quantizable_linears, quantize_state_dict, swap_linears  # noqa: E402
+from quantize import (INT4_GROUP_SIZES, SCHEMES, int4_config, int4_matmul, make_scheme,  # noqa: E402
+                      quantizable_linears, quantize_int4, quantize_int8, quantize_state_dict, swap_linears)
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -155,11 +156,30 @@ DECODE_MATMULS = [("wqkv", 12288, 4096), ("wo", 4096, 4096), ("w13", 22016, 4096
                   ("output", 32000, 4096)]
 
 
+def graph_ms_per_call(fns: list, device: torch.device, reps: int = 20) -> float:
+    """Milliseconds per call of fns run back to back. On CUDA they are captured once into a CUDA graph, so
+    launch overhead is out; callers cycle over weight copies larger than L2 so each call reads memory."""
+    if device.type != "cuda":
+        return time_ms(lambda: [fn() for fn in fns], device, reps=3) / len(fns)
+    for fn in fns:  # compile and warm every call before capture
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    return time_ms(graph.replay, device, reps=reps) / len(fns)
+
+
+def weight_copies(nbytes: int, device: torch.device) -> int:
+    """How many copies of a weight of nbytes to cycle over so that together they overflow L2."""
+    return max(2, int(200e6 // nbytes) + 1) if device.type == "cuda" else 1
+
+
 def matmul_microbench(device: torch.device, dtype: torch.dtype) -> dict:
     """GB/s of one-row matmuls at Llama-2-7B layer shapes: F.linear (cuBLAS on GPU), and a multiply-and-sum
     reduction that inductor writes as one Triton kernel (what coordinate_descent_tuning turns an M=1 matmul
-    into), without and with max-autotune. On CUDA each variant runs as a CUDA graph of calls cycling over
-    weight copies larger than L2 together, so launch overhead is out and each call reads from memory."""
+    into), without and with max-autotune."""
     cuda = device.type == "cuda"
 
     def mul_sum(x, w):
@@ -171,28 +191,102 @@ def matmul_microbench(device: torch.device, dtype: torch.dtype) -> dict:
     out = dict(kind="matmul_microbench", dtype=str(dtype).split(".")[-1], m=1)
     with torch.no_grad():
         for name, n, k in DECODE_MATMULS:
-            copies = max(2, int(200e6 // (n * k * 2)) + 1) if cuda else 1
+            copies = weight_copies(n * k * 2, device)
             ws = [torch.randn(n, k, device=device, dtype=dtype) for _ in range(copies)]
             x = torch.randn(1, k, device=device, dtype=dtype)
             ref = F.linear(x.float(), ws[0].float())
             for variant, fn in variants.items():
                 err = ((fn(x, ws[0]).float() - ref).norm() / ref.norm()).item()
                 assert err < 2e-2, (name, variant, err)
-                calls = 4 * copies
-                if cuda:
-                    for w in ws:  # compile and warm every weight before capture
-                        fn(x, w)
-                    torch.cuda.synchronize()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        for i in range(calls):
-                            fn(x, ws[i % copies])
-                    ms = time_ms(graph.replay, device, reps=20) / calls
-                else:
-                    ms = time_ms(lambda: [fn(x, w) for w in ws], device, reps=3) / copies
+                ms = graph_ms_per_call([lambda w=w, fn=fn: fn(x, w) for w in ws * 4], device)
                 out[f"{name}_{variant}_gb_s"] = n * k * 2 / ms / 1e6
             del ws
     return out
+
+
+def quantized_weights(n: int, k: int, device: torch.device, dtype: torch.dtype, group_size: int) -> dict:
+    """One random weight in each format the quant microbench times: name -> (tensors, bytes read per call)."""
+    w = torch.randn(n, k, device=device, dtype=dtype)
+    q8, s8 = quantize_int8(w)
+    q4 = quantize_int4(w, group_size)
+    out = {"bf16": ((w,), n * k * w.element_size()), "int8": ((q8, s8), q8.numel() + s8.numel() * s8.element_size()),
+           "int4": (q4, sum(t.numel() * t.element_size() for t in q4))}
+    if device.type == "cuda":  # torch's own int4 layout (tinygemm), where this build has it
+        try:
+            nibbles = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device)
+            packed = torch._convert_weight_to_int4pack(nibbles, 8)
+            scales_zeros = torch.randn(k // group_size, n, 2, device=device, dtype=dtype)
+            out["torch_int4pack"] = ((packed, scales_zeros), packed.numel() * packed.element_size()
+                                     + scales_zeros.numel() * scales_zeros.element_size())
+        except (RuntimeError, AttributeError) as e:
+            log(f"torch._weight_int4pack_mm unavailable: {str(e).splitlines()[0]}")
+    return out
+
+
+def quant_microbench(device: torch.device, dtype: torch.dtype, ms: list, group_size: int) -> list:
+    """Per Llama-2-7B decode matmul and row count m: microseconds and GB/s (of the format's own bytes) of a
+    bf16 F.linear, int8 as Int8Linear computes it (compiled, so the dequant fuses), our int4 Triton kernel,
+    and torch's _weight_int4pack_mm; speedups are over bf16 in the same run."""
+    def int8_linear(x, q, s):
+        return F.linear(x, q.to(x.dtype)) * s
+
+    fns = {"bf16": F.linear, "int8": torch.compile(int8_linear),
+           "int4": lambda x, p, s, o: int4_matmul(x, p, s, o, group_size),
+           "torch_int4pack": lambda x, p, sz: torch._weight_int4pack_mm(x, p, group_size, sz)}
+    records = []
+    with torch.no_grad():
+        for name, n, k in DECODE_MATMULS:
+            formats = quantized_weights(n, k, device, dtype, group_size)
+            for m in ms:
+                x = torch.randn(m, k, device=device, dtype=dtype)
+                r = dict(kind="quant_microbench", matmul=name, n=n, k=k, m=m, group_size=group_size,
+                         dtype=str(dtype).split(".")[-1])
+                for fmt, (tensors, nbytes) in formats.items():
+                    copies = [tensors] + [tuple(t.clone() for t in tensors)
+                                          for _ in range(weight_copies(nbytes, device) - 1)]
+                    try:
+                        t_ms = graph_ms_per_call([lambda c=c, f=fns[fmt]: f(x, *c) for c in copies * 4], device)
+                    except Exception as e:  # noqa: BLE001 -- a format this build cannot run is reported, not fatal
+                        r[f"{fmt}_error"] = str(e).splitlines()[0][:200]
+                        continue
+                    r[f"{fmt}_us"], r[f"{fmt}_gb_s"] = t_ms * 1e3, nbytes / t_ms / 1e6
+                    del copies
+                for fmt in formats:
+                    if fmt != "bf16" and f"{fmt}_us" in r:
+                        r[f"{fmt}_speedup"] = r["bf16_us"] / r[f"{fmt}_us"]
+                records.append(r)
+                log("quant " + " ".join(f"{key}={v:.3g}" if isinstance(v, float) else f"{key}={v}"
+                                        for key, v in r.items() if key not in ("kind", "dtype")))
+            del formats
+    return records
+
+
+def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int) -> list:
+    """GB/s of the int4 decode kernel (m = 1) over block sizes and warps, per Llama-2-7B matmul; the best
+    ones set quantize.int4_config."""
+    records = []
+    with torch.no_grad():
+        for name, n, k in DECODE_MATMULS:
+            tensors = quantize_int4(torch.randn(n, k, device=device, dtype=dtype), group_size)
+            nbytes = sum(t.numel() * t.element_size() for t in tensors)
+            copies = [tensors] + [tuple(t.clone() for t in tensors) for _ in range(weight_copies(nbytes, device) - 1)]
+            x = torch.randn(1, k, device=device, dtype=dtype)
+            results = {}
+            for block_n in (4, 8, 16, 32):
+                for block_k in (256, 512, 1024, 2048):
+                    for warps in (2, 4, 8):
+                        config = dict(BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=False, num_warps=warps)
+                        t_ms = graph_ms_per_call([lambda c=c: int4_matmul(x, *c, group_size, config=config)
+                                                  for c in copies * 4], device, reps=10)
+                        results[f"n{block_n}_k{block_k}_w{warps}"] = nbytes / t_ms / 1e6
+            best = sorted(results.items(), key=lambda kv: -kv[1])[:5]
+            default = int4_config(1, n, group_size)
+            default_key = f"n{default['BLOCK_N']}_k{default['BLOCK_K']}_w{default['num_warps']}"
+            records.append(dict(kind="int4_sweep", matmul=name, n=n, k=k, group_size=group_size, best=best,
+                                default=default_key, default_gb_s=results.get(default_key), all=results))
+            log(f"int4 sweep {name}: best {best[:3]}, default {default_key} {results.get(default_key, 0):.0f} GB/s")
+            del copies, tensors
+    return records
 
 
 def materialize(cls, args: ModelArgs, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -210,15 +304,17 @@ def randomize(module: nn.Module) -> nn.Module:
     return module
 
 
-def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, quantization: str) -> Transformer:
+def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, quantization: str,
+                group_size: int = 128) -> Transformer:
     model = materialize(Transformer, args, device, dtype)
     if args.tie_word_embeddings:  # to_empty gives each module its own tensor; share one again
         model.output.weight = model.tok_embeddings.weight
     randomize(model)
     if quantization != "none":  # quantize.py's own conversion, applied to the model in memory
         names = [name for name, *_ in quantizable_linears(model)]
-        state_dict = quantize_state_dict(model.state_dict(), names, quantization)
-        swap_linears(model, {"scheme": quantization})
+        scheme = make_scheme(quantization, group_size)
+        state_dict = quantize_state_dict(model.state_dict(), names, scheme)
+        swap_linears(model, scheme)
         model.load_state_dict(state_dict, assign=True)
         del state_dict
     return model
@@ -226,7 +322,7 @@ def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, quant
 
 def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_s, quantization: str) -> dict:
     args = ModelArgs(**MODELS[name])
-    model = build_model(args, device, DTYPES[a.precision], quantization)
+    model = build_model(args, device, DTYPES[a.precision], quantization, a.groupsize)
     model.setup_caches(a.batch_size, a.prompt_len + a.max_new_tokens)
     kw = dict(temperature=0.0, stop_ids=())  # greedy; no stop tokens, so every run decodes max_new_tokens
     if a.compile:
@@ -262,6 +358,7 @@ def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_
     seen = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
     # peak memory: on CUDA since the last reset (per model); on CPU the process's max RSS so far
     return dict(kind="model", model=name, model_args=MODELS[name], precision=a.precision, quantization=quantization,
+                group_size=a.groupsize if quantization == "int4" else None,
                 inductor_config=a.inductor_config, batch_size=a.batch_size,
                 prompt_len=a.prompt_len, max_new_tokens=a.max_new_tokens, compile=a.compile, **med, compile_s=compile_s,
                 peak_memory_gb=peak_memory_gb(device), weights_gb=sum(seen.values()) / 1e9,
@@ -283,7 +380,7 @@ def profile_decode(model, prompt, kw, device, steps: int = 21):
 
 def label(record: dict) -> str:
     q = record.get("quantization", "none")
-    return record["model"] + ("" if q == "none" else f" {q}")
+    return record["model"] + ("" if q == "none" else f" {q}") + (f" g{record['group_size']}" if record.get("group_size") else "")
 
 
 def free_memory(device: torch.device):
@@ -321,6 +418,16 @@ def main(a: argparse.Namespace):
         records.append(matmul_microbench(device, DTYPES[a.precision]))
         save(a.out, records[-1], env)
         free_memory(device)
+    if a.quant_microbench:
+        for r in quant_microbench(device, DTYPES[a.precision], a.quant_m, a.groupsize):
+            records.append(r)
+            save(a.out, r, env)
+        free_memory(device)
+    if a.int4_sweep:
+        for r in int4_sweep(device, DTYPES[a.precision], a.groupsize):
+            records.append(r)
+            save(a.out, r, env)
+        free_memory(device)
     if a.max_autotune:  # let inductor time Triton templates against cuBLAS for every matmul shape
         import torch._inductor.config as inductor_config
         inductor_config.max_autotune_gemm = True
@@ -347,6 +454,13 @@ def main(a: argparse.Namespace):
             for name, *_ in DECODE_MATMULS:
                 print(f"matmul {name} M=1: " + ", ".join(f"{k[len(name) + 1:-5]} {v:.0f}" for k, v in r.items()
                                                          if k.startswith(name + "_")) + " GB/s")
+        if r["kind"] == "quant_microbench":
+            print(f"quant {r['matmul']:<7} m={r['m']:<3}" + "".join(
+                f" | {f} {r[f + '_us']:.1f} us {r[f + '_gb_s']:.0f} GB/s" + (f" x{r[f + '_speedup']:.2f}" if f != "bf16" else "")
+                for f in ("bf16", "int8", "int4", "torch_int4pack") if f + "_us" in r))
+        if r["kind"] == "int4_sweep":
+            print(f"int4 sweep {r['matmul']}: best " + ", ".join(f"{c} {v:.0f}" for c, v in r["best"][:3])
+                  + f" GB/s; default {r['default']} {r['default_gb_s'] or 0:.0f} GB/s")
         if r["kind"] == "mlp_microbench":
             print(f"mlp {r['shape']} {r['dtype']}: fused {r['fused_us']:.1f} us ({r['fused_gb_s']:.1f} GB/s), "
                   f"separate {r['separate_us']:.1f} us ({r['separate_gb_s']:.1f} GB/s)")
@@ -382,10 +496,17 @@ def parse_args() -> argparse.Namespace:
                    help="override an inductor setting after compile_fns, e.g. coordinate_descent_tuning=False")
     p.add_argument("--quantize", action="append", choices=["none", *SCHEMES],
                    help="weights as quantize.py converts them; repeat to compare in one run (default: none)")
+    p.add_argument("--groupsize", type=int, default=128, choices=INT4_GROUP_SIZES, help="int4 group size")
+    p.add_argument("--quant_microbench", action="store_true",
+                   help="bf16 vs int8 vs int4 (ours, and torch's _weight_int4pack_mm) matmuls at Llama-2-7B shapes")
+    p.add_argument("--quant_m", type=int, action="append", default=None, metavar="M",
+                   help="rows for --quant_microbench; repeat (default: 1 and 6, a k=5 speculative verify)")
+    p.add_argument("--int4_sweep", action="store_true", help="sweep the int4 decode kernel's block sizes")
     p.add_argument("--profile", action="store_true", help="print the decode step's kernels by device time")
     p.add_argument("--max_autotune", action="store_true", help="inductor autotunes each matmul (max_autotune_gemm)")
     p.add_argument("--mlp_microbench", action="store_true", help="time a fused vs separate gate/up SwiGLU MLP")
     a = p.parse_args()
+    a.quant_m = a.quant_m or [1, 6]
     if a.prompt_len < 1 or a.max_new_tokens < 2 or a.runs < 1 or a.batch_size < 1:
         p.error("need --prompt_len >= 1, --max_new_tokens >= 2, --runs >= 1 and --batch_size >= 1")
     for name in a.model:
@@ -409,6 +530,8 @@ if __name__ == "__main__":
         fail(f"--device {cli.device!r}: only cuda and cpu are supported")
     if dev.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda but torch.cuda.is_available() is False (no GPU, or a CPU-only torch)")
+    if dev.type == "cpu" and (cli.quant_microbench or cli.int4_sweep):
+        fail("--quant_microbench and --int4_sweep time the Triton int4 kernel and need --device cuda")
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         fail(f"--device {cli.device}: only {torch.cuda.device_count()} GPU(s) visible")
     main(cli)

@@ -1,9 +1,13 @@
 """Shared fixtures: tiny random HF checkpoints of each supported family, converted by our script."""
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # before anything imports triton: its kernels then run on the CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

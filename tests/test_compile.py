@@ -1,4 +1,5 @@
 """The compiled decode step: same tokens as eager, and one graph for every step and sample."""
+import pytest
 import torch
 import torch._dynamo
 
@@ -49,11 +50,13 @@ def test_compiled_sampling_with_top_k_and_top_p_runs_in_one_graph(hf_checkpoint)
         torch._dynamo.config.error_on_recompile = old
 
 
-def test_compiled_int8_decode_equals_eager(hf_checkpoint, tmp_path):
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_compiled_quantized_decode_equals_eager(mode, hf_checkpoint, tmp_path):
     from quantize import quantize_checkpoint
 
     _, path = hf_checkpoint("qwen2")
-    model = load_model(quantize_checkpoint(path, "int8", output=tmp_path / "q.pth"), "cpu", torch.float32)
+    qpath = quantize_checkpoint(path, mode, output=tmp_path / "q.pth", group_size=32)
+    model = load_model(qpath, "cpu", torch.float32)
     model.setup_caches(1, 48)
     prompt = torch.randint(3, 320, (8,), generator=torch.Generator().manual_seed(4))
     eager = generate(model, prompt, 20, temperature=0.0)

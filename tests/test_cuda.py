@@ -44,3 +44,32 @@ def test_cuda_graph_decode_equals_eager(family, hf_checkpoint):
     prefill_fn, decode_fn = compile_fns("cuda")
     for _ in range(2):  # the second call replays the captured graph
         assert generate(model, prompt, 40, temperature=0.0, prefill_fn=prefill_fn, decode_fn=decode_fn) == eager
+
+
+@pytest.mark.parametrize("group_size", [32, 128, 256])
+@pytest.mark.parametrize("m", [1, 2, 6, 16, 17, 64])
+def test_int4_kernel_in_bfloat16_on_cuda_is_close_to_float32_reference(m, group_size):
+    from quantize import dequantize_int4, int4_matmul, quantize_int4
+
+    g = torch.Generator().manual_seed(m)
+    w, x = torch.randn(300, 1000, generator=g), torch.randn(m, 1000, generator=g)
+    packed, scales, offsets = (t.cuda() for t in quantize_int4(w.bfloat16(), group_size))
+    expected = x @ dequantize_int4(packed, scales, offsets, 1000, torch.float32).cpu().T
+    got = int4_matmul(x.bfloat16().cuda(), packed, scales, offsets, group_size).float().cpu()
+    assert ((got - expected).norm() / expected.norm()).item() <= 1e-2  # bf16 inputs and output
+
+
+def test_compiled_int4_decode_equals_eager_on_cuda(hf_checkpoint, tmp_path):
+    from quantize import Int4Linear, quantize_checkpoint
+
+    _, path = hf_checkpoint("llama3.1")
+    model = load_model(quantize_checkpoint(path, "int4", output=tmp_path / "q.pth", group_size=32), "cuda",
+                       torch.float32)
+    assert isinstance(model.layers[0].feed_forward.w2, Int4Linear)
+    model.setup_caches(1, 64)
+    prompt = torch.randint(3, 320, (10,), generator=torch.Generator().manual_seed(1)).cuda()
+    eager = generate(model, prompt, 40, temperature=0.0)
+    torch._dynamo.reset()
+    prefill_fn, decode_fn = compile_fns("cuda")
+    for _ in range(2):
+        assert generate(model, prompt, 40, temperature=0.0, prefill_fn=prefill_fn, decode_fn=decode_fn) == eager
