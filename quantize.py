@@ -128,66 +128,105 @@ class Int4Linear(nn.Module):
 
 if triton is not None:
     @triton.jit
+    def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, N, K, stride_wn, stride_sn, GROUP: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        """y[N] = dequant(w) @ x[K], one row of x (decode). A block of BLOCK_K <= GROUP columns lies in one group.
+
+        Each int32 word of a row holds 8 nibbles, columns 8t + i at bits 4i. Shifting nibble q to bits 19..22
+        and or-ing in the exponent of 1.0 gives the float f = 1 + q / 16 with two integer ops, no int-to-float
+        conversion (a slow instruction). Then q * s + o = f * 16s + (o - 16s), so a group contributes
+        16s * sum(x f) + (o - 16s) * sum(x): one multiply-add per weight, the scales applied once per group."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        WORDS: tl.constexpr = BLOCK_K // 8
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, tl.cdiv(K, BLOCK_K) * BLOCK_K, BLOCK_K):
+            t = k0 // 8 + tl.arange(0, WORDS)
+            words = tl.load(w_ptr + rn[:, None] * stride_wn + t[None, :], mask=n_ok[:, None], other=0)  # [BN, WORDS]
+            kk = k0 + tl.arange(0, BLOCK_K)
+            if EVEN_K:
+                x = tl.load(x_ptr + kk).to(tl.float32)
+            else:
+                x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+            # x[8t + 4a + 2b + c] -> the column of nibble i = 4a + 2b + c of word t
+            x_c0, x_c1 = tl.split(tl.reshape(x, (WORDS, 2, 2, 2)))
+            x_0b0, x_0b1 = tl.split(x_c0)
+            x_1b0, x_1b1 = tl.split(x_c1)
+            x0, x4 = tl.split(x_0b0)
+            x2, x6 = tl.split(x_0b1)
+            x1, x5 = tl.split(x_1b0)
+            x3, x7 = tl.split(x_1b1)
+            xs = (x0, x1, x2, x3, x4, x5, x6, x7)
+            xf = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+            for i in tl.static_range(8):
+                if 4 * i <= 19:
+                    bits = words << (19 - 4 * i)
+                else:
+                    bits = words >> (4 * i - 19)
+                f = ((bits & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q / 16
+                xf += xs[i][None, :] * f
+            g = k0 // GROUP
+            s = tl.load(s_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32) * 16.0
+            o = tl.load(o_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32) - s
+            acc += tl.sum(xf, axis=1) * s + tl.sum(x, axis=0) * o
+        tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
     def _int4_matmul_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
                             GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """y[M, N] = x[M, K] @ dequant(w).T. A block of BLOCK_K columns spans whole groups or lies in one.
-        USE_DOT=False (M = 1, decode): the group sums are factored, sum_k x q s + o = s * sum_k x q + o * sum_k x,
-        so the 16 levels are never scaled one by one. USE_DOT=True: dequantize in registers, tensor-core dot."""
+                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """y[M, N] = x[M, K] @ dequant(w).T for several rows (speculative verify, prefill): dequantize a block
+        in registers and multiply on tensor cores, accumulating in float32. BLOCK_K <= GROUP."""
         pid_n, pid_m = tl.program_id(0), tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         n_ok, m_ok = rn < N, rm < M
-        SPAN: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP  # columns sharing one scale in a block
-        NG: tl.constexpr = BLOCK_K // SPAN  # groups per block
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, tl.cdiv(K, BLOCK_K) * BLOCK_K, BLOCK_K):
             j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # packed byte index; holds columns 2j (low), 2j + 1 (high)
-            packed = tl.load(w_ptr + rn[:, None] * stride_wn + j[None, :], mask=n_ok[:, None] & (2 * j < K)[None, :],
-                             other=0)
-            lo, hi = (packed & 15).to(tl.float32), (packed >> 4).to(tl.float32)  # [BN, BK / 2]
+            packed = tl.load(w_ptr + rn[:, None] * stride_wn + j[None, :], mask=n_ok[:, None], other=0)
             x_even = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * j[None, :],
-                             mask=m_ok[:, None] & (2 * j < K)[None, :], other=0.0).to(tl.float32)
+                             mask=m_ok[:, None] & (2 * j < K)[None, :], other=0.0)
             x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * j[None, :] + 1,
-                            mask=m_ok[:, None] & (2 * j + 1 < K)[None, :], other=0.0).to(tl.float32)
-            g = (k0 + tl.arange(0, NG) * SPAN) // GROUP  # the group of each SPAN-column piece
-            s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
-            o = tl.load(o_ptr + rn[:, None] * stride_sn + g[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
-            if USE_DOT:  # NG == 1 here (the launcher keeps BLOCK_K <= GROUP)
-                w_lo = (lo * s + o).to(y_ptr.dtype.element_ty)
-                w_hi = (hi * s + o).to(y_ptr.dtype.element_ty)
-                acc += tl.dot(x_even.to(y_ptr.dtype.element_ty), tl.trans(w_lo), input_precision=DOT_PRECISION)
-                acc += tl.dot(x_odd.to(y_ptr.dtype.element_ty), tl.trans(w_hi), input_precision=DOT_PRECISION)
-            else:  # BLOCK_M == 1
-                xq = (tl.reshape(x_even, (1, NG, SPAN // 2)) * tl.reshape(lo, (BLOCK_N, NG, SPAN // 2))
-                      + tl.reshape(x_odd, (1, NG, SPAN // 2)) * tl.reshape(hi, (BLOCK_N, NG, SPAN // 2)))
-                x_sum = tl.sum(tl.reshape(x_even + x_odd, (1, NG, SPAN // 2)), axis=2)  # [1, NG]
-                acc += tl.sum(tl.sum(xq, axis=2) * s + x_sum * o, axis=1)[None, :]
+                            mask=m_ok[:, None] & (2 * j + 1 < K)[None, :], other=0.0)
+            g = k0 // GROUP
+            s = tl.load(s_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            o = tl.load(o_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            w_lo = ((packed & 15).to(tl.float32) * s + o).to(x_ptr.dtype.element_ty)  # [BN, BK / 2]
+            w_hi = ((packed >> 4).to(tl.float32) * s + o).to(x_ptr.dtype.element_ty)
+            acc += tl.dot(x_even, tl.trans(w_lo), input_precision=DOT_PRECISION)
+            acc += tl.dot(x_odd, tl.trans(w_hi), input_precision=DOT_PRECISION)
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
 
 
 def int4_config(m: int, n: int, group_size: int) -> dict:
-    """Block sizes and warps for int4_matmul; decode (m = 1) takes the GEMV form (tuned on H100/H200 with
-    scripts/bench.py --int4_sweep), larger m the tensor-core form."""
+    """Block sizes and warps for int4_matmul: decode (m = 1) takes the GEMV kernel (tuned on H100/H200 with
+    scripts/bench.py --int4_sweep), more rows the tensor-core kernel."""
     if m == 1:
-        return dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=max(512, group_size), USE_DOT=False, num_warps=4)
-    block_m = 16 if m <= 16 else 64
-    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=min(group_size, 128), USE_DOT=True, num_warps=4)
+        return dict(BLOCK_N=32, BLOCK_K=group_size, num_warps=4)
+    return dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=64, BLOCK_K=min(group_size, 128), num_warps=4)
 
 
 def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, group_size: int,
                 config: Optional[dict] = None) -> Tensor:
-    """x [M, K] @ dequant(packed).T -> [M, N] with the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    """x [M, K] @ dequant(packed).T -> [M, N] with the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
+    config: block sizes and num_warps (default int4_config); BLOCK_K must divide group_size."""
+    x = x.contiguous()
     m, k = x.shape
     n = packed.shape[0]
     config = config or int4_config(m, n, group_size)
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]))
-    # float32 inputs get exact float32 products, not TF32's 10-bit mantissas
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    _int4_matmul_kernel[grid](x, packed, scales, offsets, y, m, n, k, x.stride(0), packed.stride(0),
-                              scales.stride(0), y.stride(0), GROUP=group_size, DOT_PRECISION=precision, **config)
+    if m == 1:
+        grid = (triton.cdiv(n, config["BLOCK_N"]),)
+        _int4_gemv_kernel[grid](x, packed.view(torch.int32), scales, offsets, y, n, k, packed.stride(0) // 4,
+                                scales.stride(0), GROUP=group_size, EVEN_K=k % config["BLOCK_K"] == 0, **config)
+    else:
+        grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]))
+        # float32 inputs get exact float32 products, not TF32's 10-bit mantissas
+        precision = "ieee" if x.dtype == torch.float32 else "tf32"
+        _int4_matmul_kernel[grid](x, packed, scales, offsets, y, m, n, k, x.stride(0), packed.stride(0),
+                                  scales.stride(0), y.stride(0), GROUP=group_size, DOT_PRECISION=precision, **config)
     return y
 
 

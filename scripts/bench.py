@@ -230,6 +230,7 @@ def quant_microbench(device: torch.device, dtype: torch.dtype, ms: list, group_s
     def int8_linear(x, q, s):
         return F.linear(x, q.to(x.dtype)) * s
 
+    compile_fns(device)  # inductor set up as generate.py sets it for the decode step
     fns = {"bf16": F.linear, "int8": torch.compile(int8_linear),
            "int4": lambda x, p, s, o: int4_matmul(x, p, s, o, group_size),
            "torch_int4pack": lambda x, p, sz: torch._weight_int4pack_mm(x, p, group_size, sz)}
@@ -261,8 +262,8 @@ def quant_microbench(device: torch.device, dtype: torch.dtype, ms: list, group_s
     return records
 
 
-def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int) -> list:
-    """GB/s of the int4 decode kernel (m = 1) over block sizes and warps, per Llama-2-7B matmul; the best
+def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: list) -> list:
+    """GB/s of the int4 kernels over block sizes and warps, per Llama-2-7B matmul and row count m; the best
     ones set quantize.int4_config."""
     records = []
     with torch.no_grad():
@@ -270,21 +271,31 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int) -> lis
             tensors = quantize_int4(torch.randn(n, k, device=device, dtype=dtype), group_size)
             nbytes = sum(t.numel() * t.element_size() for t in tensors)
             copies = [tensors] + [tuple(t.clone() for t in tensors) for _ in range(weight_copies(nbytes, device) - 1)]
-            x = torch.randn(1, k, device=device, dtype=dtype)
-            results = {}
-            for block_n in (4, 8, 16, 32):
-                for block_k in (256, 512, 1024, 2048):
-                    for warps in (2, 4, 8):
-                        config = dict(BLOCK_M=1, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=False, num_warps=warps)
+            for m in ms:
+                x = torch.randn(m, k, device=device, dtype=dtype)
+                if m == 1:
+                    grid = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w) for bn in (8, 16, 32, 64, 128)
+                            for bk in (32, 64, 128, 256) if bk <= group_size for w in (1, 2, 4, 8)]
+                else:
+                    grid = [dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=bn, BLOCK_K=bk, num_warps=w)
+                            for bn in (16, 32, 64, 128) for bk in (32, 64, 128) if bk <= group_size for w in (2, 4, 8)]
+                results = {}
+                for config in grid:
+                    key = "_".join(f"{k_[6:].lower() if k_.startswith('BLOCK') else 'w'}{v}" for k_, v in config.items())
+                    try:
                         t_ms = graph_ms_per_call([lambda c=c: int4_matmul(x, *c, group_size, config=config)
                                                   for c in copies * 4], device, reps=10)
-                        results[f"n{block_n}_k{block_k}_w{warps}"] = nbytes / t_ms / 1e6
-            best = sorted(results.items(), key=lambda kv: -kv[1])[:5]
-            default = int4_config(1, n, group_size)
-            default_key = f"n{default['BLOCK_N']}_k{default['BLOCK_K']}_w{default['num_warps']}"
-            records.append(dict(kind="int4_sweep", matmul=name, n=n, k=k, group_size=group_size, best=best,
-                                default=default_key, default_gb_s=results.get(default_key), all=results))
-            log(f"int4 sweep {name}: best {best[:3]}, default {default_key} {results.get(default_key, 0):.0f} GB/s")
+                    except Exception as e:  # noqa: BLE001 -- e.g. too many registers: skip that config
+                        log(f"int4 sweep {name} m={m} {key}: {str(e).splitlines()[0][:120]}")
+                        continue
+                    results[key] = nbytes / t_ms / 1e6
+                best = sorted(results.items(), key=lambda kv: -kv[1])[:5]
+                default = int4_config(m, n, group_size)
+                default_key = "_".join(f"{k_[6:].lower() if k_.startswith('BLOCK') else 'w'}{v}" for k_, v in default.items())
+                records.append(dict(kind="int4_sweep", matmul=name, n=n, k=k, m=m, group_size=group_size, best=best,
+                                    default=default_key, default_gb_s=results.get(default_key), all=results))
+                log(f"int4 sweep {name} m={m}: best {best[:3]}, default {default_key} "
+                    f"{results.get(default_key) or 0:.0f} GB/s")
             del copies, tensors
     return records
 
@@ -424,7 +435,7 @@ def main(a: argparse.Namespace):
             save(a.out, r, env)
         free_memory(device)
     if a.int4_sweep:
-        for r in int4_sweep(device, DTYPES[a.precision], a.groupsize):
+        for r in int4_sweep(device, DTYPES[a.precision], a.groupsize, a.quant_m):
             records.append(r)
             save(a.out, r, env)
         free_memory(device)
@@ -459,7 +470,7 @@ def main(a: argparse.Namespace):
                 f" | {f} {r[f + '_us']:.1f} us {r[f + '_gb_s']:.0f} GB/s" + (f" x{r[f + '_speedup']:.2f}" if f != "bf16" else "")
                 for f in ("bf16", "int8", "int4", "torch_int4pack") if f + "_us" in r))
         if r["kind"] == "int4_sweep":
-            print(f"int4 sweep {r['matmul']}: best " + ", ".join(f"{c} {v:.0f}" for c, v in r["best"][:3])
+            print(f"int4 sweep {r['matmul']} m={r['m']}: best " + ", ".join(f"{c} {v:.0f}" for c, v in r["best"][:3])
                   + f" GB/s; default {r['default']} {r['default_gb_s'] or 0:.0f} GB/s")
         if r["kind"] == "mlp_microbench":
             print(f"mlp {r['shape']} {r['dtype']}: fused {r['fused_us']:.1f} us ({r['fused_gb_s']:.1f} GB/s), "
