@@ -223,7 +223,7 @@ def quantized_weights(n: int, k: int, device: torch.device, dtype: torch.dtype, 
     return out
 
 
-def quant_microbench(device: torch.device, dtype: torch.dtype, ms: list, group_size: int) -> list:
+def quant_microbench(device: torch.device, dtype: torch.dtype, ms: list, group_size: int):
     """Per Llama-2-7B decode matmul and row count m: microseconds and GB/s (of the format's own bytes) of a
     bf16 F.linear, int8 as Int8Linear computes it (compiled, so the dequant fuses), our int4 Triton kernel,
     and torch's _weight_int4pack_mm; speedups are over bf16 in the same run."""
@@ -234,7 +234,6 @@ def quant_microbench(device: torch.device, dtype: torch.dtype, ms: list, group_s
     fns = {"bf16": F.linear, "int8": torch.compile(int8_linear),
            "int4": lambda x, p, s, o: int4_matmul(x, p, s, o, group_size),
            "torch_int4pack": lambda x, p, sz: torch._weight_int4pack_mm(x, p, group_size, sz)}
-    records = []
     with torch.no_grad():
         for name, n, k in DECODE_MATMULS:
             formats = quantized_weights(n, k, device, dtype, group_size)
@@ -255,17 +254,15 @@ def quant_microbench(device: torch.device, dtype: torch.dtype, ms: list, group_s
                 for fmt in formats:
                     if fmt != "bf16" and f"{fmt}_us" in r:
                         r[f"{fmt}_speedup"] = r["bf16_us"] / r[f"{fmt}_us"]
-                records.append(r)
+                yield r
                 log("quant " + " ".join(f"{key}={v:.3g}" if isinstance(v, float) else f"{key}={v}"
                                         for key, v in r.items() if key not in ("kind", "dtype")))
             del formats
-    return records
 
 
-def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: list) -> list:
+def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: list):
     """GB/s of the int4 kernels over block sizes and warps, per Llama-2-7B matmul and row count m; the best
     ones set quantize.int4_config."""
-    records = []
     with torch.no_grad():
         for name, n, k in DECODE_MATMULS:
             tensors = quantize_int4(torch.randn(n, k, device=device, dtype=dtype), group_size)
@@ -292,12 +289,11 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
                 best = sorted(results.items(), key=lambda kv: -kv[1])[:5]
                 default = int4_config(m, n, group_size)
                 default_key = "_".join(f"{k_[6:].lower() if k_.startswith('BLOCK') else 'w'}{v}" for k_, v in default.items())
-                records.append(dict(kind="int4_sweep", matmul=name, n=n, k=k, m=m, group_size=group_size, best=best,
+                yield (dict(kind="int4_sweep", matmul=name, n=n, k=k, m=m, group_size=group_size, best=best,
                                     default=default_key, default_gb_s=results.get(default_key), all=results))
                 log(f"int4 sweep {name} m={m}: best {best[:3]}, default {default_key} "
                     f"{results.get(default_key) or 0:.0f} GB/s")
             del copies, tensors
-    return records
 
 
 def materialize(cls, args: ModelArgs, device: torch.device, dtype: torch.dtype) -> nn.Module:
