@@ -128,48 +128,44 @@ class Int4Linear(nn.Module):
 
 if triton is not None:
     @triton.jit
-    def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, N, K, stride_wn, stride_sn, GROUP: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-        """y[N] = dequant(w) @ x[K], one row of x (decode). A block of BLOCK_K <= GROUP columns lies in one group.
+    def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, N, K, stride_wn, stride_sn, k_per_split,
+                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        """y[split, N] = dequant(w) @ x[K] over this split's share of K, one row of x (decode). A block of
+        BLOCK_K <= GROUP columns lies in one group.
 
         Each int32 word of a row holds 8 nibbles, columns 8t + i at bits 4i. Shifting nibble q to bits 19..22
         and or-ing in the exponent of 1.0 gives the float f = 1 + q / 16 with two integer ops, no int-to-float
         conversion (a slow instruction). Then q * s + o = f * 16s + (o - 16s), so a group contributes
         16s * sum(x f) + (o - 16s) * sum(x): one multiply-add per weight, the scales applied once per group."""
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        pid_n, split = tl.program_id(0), tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         WORDS: tl.constexpr = BLOCK_K // 8
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, tl.cdiv(K, BLOCK_K) * BLOCK_K, BLOCK_K):
+        k_start = split * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, tl.cdiv(K, BLOCK_K) * BLOCK_K)
+        for k0 in range(k_start, k_end, BLOCK_K):
             t = k0 // 8 + tl.arange(0, WORDS)
             words = tl.load(w_ptr + rn[:, None] * stride_wn + t[None, :], mask=n_ok[:, None], other=0)  # [BN, WORDS]
-            kk = k0 + tl.arange(0, BLOCK_K)
-            if EVEN_K:
-                x = tl.load(x_ptr + kk).to(tl.float32)
-            else:
-                x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            # x[8t + 4a + 2b + c] -> the column of nibble i = 4a + 2b + c of word t
-            x_c0, x_c1 = tl.split(tl.reshape(x, (WORDS, 2, 2, 2)))
-            x_0b0, x_0b1 = tl.split(x_c0)
-            x_1b0, x_1b1 = tl.split(x_c1)
-            x0, x4 = tl.split(x_0b0)
-            x2, x6 = tl.split(x_0b1)
-            x1, x5 = tl.split(x_1b0)
-            x3, x7 = tl.split(x_1b1)
-            xs = (x0, x1, x2, x3, x4, x5, x6, x7)
             xf = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+            x_sum = tl.zeros((WORDS,), dtype=tl.float32)
             for i in tl.static_range(8):
+                if EVEN_K:
+                    x = tl.load(x_ptr + 8 * t + i).to(tl.float32)  # the columns of nibble i
+                else:
+                    x = tl.load(x_ptr + 8 * t + i, mask=8 * t + i < K, other=0.0).to(tl.float32)
                 if 4 * i <= 19:
                     bits = words << (19 - 4 * i)
                 else:
                     bits = words >> (4 * i - 19)
                 f = ((bits & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q / 16
-                xf += xs[i][None, :] * f
+                xf += x[None, :] * f
+                x_sum += x
             g = k0 // GROUP
             s = tl.load(s_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32) * 16.0
             o = tl.load(o_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32) - s
-            acc += tl.sum(xf, axis=1) * s + tl.sum(x, axis=0) * o
-        tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+            acc += tl.sum(xf, axis=1) * s + tl.sum(x_sum, axis=0) * o
+        tl.store(y_ptr + split * N + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.jit
     def _int4_matmul_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
@@ -204,7 +200,7 @@ def int4_config(m: int, n: int, group_size: int) -> dict:
     """Block sizes and warps for int4_matmul: decode (m = 1) takes the GEMV kernel (tuned on H100/H200 with
     scripts/bench.py --int4_sweep), more rows the tensor-core kernel."""
     if m == 1:
-        return dict(BLOCK_N=32, BLOCK_K=group_size, num_warps=4)
+        return dict(BLOCK_N=8, BLOCK_K=min(group_size, 128), SPLIT_K=4 if n <= 8192 else 1, num_warps=2)
     return dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=64, BLOCK_K=min(group_size, 128), num_warps=4)
 
 
@@ -218,9 +214,17 @@ def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, grou
     config = config or int4_config(m, n, group_size)
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 1:
-        grid = (triton.cdiv(n, config["BLOCK_N"]),)
-        _int4_gemv_kernel[grid](x, packed.view(torch.int32), scales, offsets, y, n, k, packed.stride(0) // 4,
-                                scales.stride(0), GROUP=group_size, EVEN_K=k % config["BLOCK_K"] == 0, **config)
+        # SPLIT_K programs share a row's K (more loads in flight when N is small); their partial sums add up
+        config = dict(config)
+        split = config.pop("SPLIT_K", 1)
+        blocks = triton.cdiv(k, config["BLOCK_K"])
+        k_per_split = triton.cdiv(blocks, split) * config["BLOCK_K"]
+        partial = y if split == 1 else torch.empty(split, n, device=x.device, dtype=torch.float32)
+        _int4_gemv_kernel[(triton.cdiv(n, config["BLOCK_N"]), split)](
+            x, packed.view(torch.int32), scales, offsets, partial, n, k, packed.stride(0) // 4, scales.stride(0),
+            k_per_split, GROUP=group_size, EVEN_K=k % config["BLOCK_K"] == 0, **config)
+        if split > 1:
+            y = partial.sum(0, keepdim=True).to(x.dtype)
     else:
         grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]))
         # float32 inputs get exact float32 products, not TF32's 10-bit mantissas

@@ -260,6 +260,12 @@ def quant_microbench(device: torch.device, dtype: torch.dtype, ms: list, group_s
             del formats
 
 
+def config_key(config: dict) -> str:
+    """e.g. n8_k128_s4_w2 for BLOCK_N=8, BLOCK_K=128, SPLIT_K=4, num_warps=2."""
+    short = dict(BLOCK_M="m", BLOCK_N="n", BLOCK_K="k", SPLIT_K="s", num_warps="w")
+    return "_".join(f"{short[k]}{v}" for k, v in config.items())
+
+
 def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: list):
     """GB/s of the int4 kernels over block sizes and warps, per Llama-2-7B matmul and row count m; the best
     ones set quantize.int4_config."""
@@ -271,14 +277,14 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
             for m in ms:
                 x = torch.randn(m, k, device=device, dtype=dtype)
                 if m == 1:
-                    grid = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w) for bn in (8, 16, 32, 64, 128)
-                            for bk in (32, 64, 128, 256) if bk <= group_size for w in (1, 2, 4, 8)]
+                    grid = [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=w) for bn in (4, 8, 16, 32)
+                            for bk in (64, 128, 256) if bk <= group_size for sk in (1, 2, 4, 8) for w in (1, 2, 4)]
                 else:
                     grid = [dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=bn, BLOCK_K=bk, num_warps=w)
                             for bn in (16, 32, 64, 128) for bk in (32, 64, 128) if bk <= group_size for w in (2, 4, 8)]
                 results = {}
                 for config in grid:
-                    key = "_".join(f"{k_[6:].lower() if k_.startswith('BLOCK') else 'w'}{v}" for k_, v in config.items())
+                    key = config_key(config)
                     try:
                         t_ms = graph_ms_per_call([lambda c=c: int4_matmul(x, *c, group_size, config=config)
                                                   for c in copies * 4], device, reps=10)
@@ -288,9 +294,9 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
                     results[key] = nbytes / t_ms / 1e6
                 best = sorted(results.items(), key=lambda kv: -kv[1])[:5]
                 default = int4_config(m, n, group_size)
-                default_key = "_".join(f"{k_[6:].lower() if k_.startswith('BLOCK') else 'w'}{v}" for k_, v in default.items())
-                yield (dict(kind="int4_sweep", matmul=name, n=n, k=k, m=m, group_size=group_size, best=best,
-                                    default=default_key, default_gb_s=results.get(default_key), all=results))
+                default_key = config_key(default)
+                yield dict(kind="int4_sweep", matmul=name, n=n, k=k, m=m, group_size=group_size, best=best,
+                           default=default_key, default_gb_s=results.get(default_key), all=results)
                 log(f"int4 sweep {name} m={m}: best {best[:3]}, default {default_key} "
                     f"{results.get(default_key) or 0:.0f} GB/s")
             del copies, tensors

@@ -125,13 +125,13 @@ def test_int4_triton_kernel_matches_the_pytorch_reference(m, n, k, group_size):
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
-@pytest.mark.parametrize("block_k", [32, 64])  # blocks smaller than a group, and K not a multiple of them
-def test_int4_decode_kernel_with_several_blocks_per_group(block_k):
+@pytest.mark.parametrize("block_k,split_k", [(32, 1), (64, 3), (128, 8)])  # blocks within a group; K split
+def test_int4_decode_kernel_block_sizes_and_split_k(block_k, split_k):
     g = torch.Generator().manual_seed(block_k)
     w, x = torch.randn(40, 900, generator=g), torch.randn(1, 900, generator=g)
     packed, scales, offsets = quantize_int4(w, 128)
     expected = x @ dequantize_int4(packed, scales, offsets, 900, torch.float32).T
-    config = dict(BLOCK_N=8, BLOCK_K=block_k, num_warps=4)
+    config = dict(BLOCK_N=8, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4)
     got = run_int4_kernel(x, packed, scales, offsets, 128, config=config)
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
 
