@@ -199,8 +199,8 @@ if triton is not None:
 def int4_config(m: int, n: int, group_size: int) -> dict:
     """Block sizes and warps for int4_matmul: decode (m = 1) takes the GEMV kernel (tuned on H100/H200 with
     scripts/bench.py --int4_sweep), more rows the tensor-core kernel."""
-    if m == 1:
-        return dict(BLOCK_N=8, BLOCK_K=min(group_size, 128), SPLIT_K=4 if n <= 8192 else 1, num_warps=2)
+    if m == 1:  # best or near it for every Llama-2-7B matrix on H200 (BENCHMARKS.md)
+        return dict(BLOCK_N=32, BLOCK_K=min(group_size, 128), SPLIT_K=8, num_warps=1)
     return dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=64, BLOCK_K=min(group_size, 128), num_warps=4)
 
 
