@@ -68,7 +68,11 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scales
+        if x.is_cuda and triton is not None and x.numel() == x.shape[-1] and self.in_features % 4 == 0:
+            # decode: our GEMV reads the int8 bytes once; inductor's fused dequant-matmul is slower at one row
+            y = int8_gemv(x.reshape(1, -1), self.weight, self.scales).view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales
         return y + self.bias if self.bias is not None else y
 
 
@@ -128,43 +132,55 @@ class Int4Linear(nn.Module):
 
 if triton is not None:
     @triton.jit
-    def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, N, K, stride_wn, stride_sn, k_per_split,
-                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-        """y[split, N] = dequant(w) @ x[K] over this split's share of K, one row of x (decode). A block of
-        BLOCK_K <= GROUP columns lies in one group.
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, N, K, stride_wn, stride_sn, k_per_split,
+                     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     EVEN_K: tl.constexpr):
+        """y[split, N] = dequant(w) @ x[K] over this split's share of K, for one row x (decode). BITS = 4:
+        int4 with a scale and offset per GROUP columns (BLOCK_K <= GROUP, so a block lies in one group).
+        BITS = 8: signed int8 with one scale per row (GROUP spans the row; o_ptr unused).
 
-        Each int32 word of a row holds 8 nibbles, columns 8t + i at bits 4i. Shifting nibble q to bits 19..22
-        and or-ing in the exponent of 1.0 gives the float f = 1 + q / 16 with two integer ops, no int-to-float
-        conversion (a slow instruction). Then q * s + o = f * 16s + (o - 16s), so a group contributes
-        16s * sum(x f) + (o - 16s) * sum(x): one multiply-add per weight, the scales applied once per group."""
+        Each int32 word of a row holds 32 / BITS values, column (32 / BITS) t + i at bits BITS * i. Moving a
+        value u to the top mantissa bits (22 down) and or-ing in the exponent of 1.0 gives f = 1 + u / 2^BITS
+        with two integer ops, no int-to-float conversion (a slow instruction). Then u * s + o =
+        f * (2^BITS s) + (o - 2^BITS s), so a group adds 2^BITS s * sum(x f) + (o - 2^BITS s) * sum(x):
+        one multiply-add per weight, the scales applied once per group. int8 stores b = u - 128."""
+        PER_WORD: tl.constexpr = 32 // BITS
+        WORDS: tl.constexpr = BLOCK_K // PER_WORD
+        MANTISSA: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
         pid_n, split = tl.program_id(0), tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        WORDS: tl.constexpr = BLOCK_K // 8
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         k_start = split * k_per_split
         k_end = tl.minimum(k_start + k_per_split, tl.cdiv(K, BLOCK_K) * BLOCK_K)
         for k0 in range(k_start, k_end, BLOCK_K):
-            t = k0 // 8 + tl.arange(0, WORDS)
+            t = k0 // PER_WORD + tl.arange(0, WORDS)
             words = tl.load(w_ptr + rn[:, None] * stride_wn + t[None, :], mask=n_ok[:, None], other=0)  # [BN, WORDS]
+            if BITS == 8:
+                words = words ^ -0x7F7F7F80  # 0x80808080 as int32: signed bytes b -> unsigned u = b + 128
             xf = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
             x_sum = tl.zeros((WORDS,), dtype=tl.float32)
-            for i in tl.static_range(8):
+            for i in tl.static_range(PER_WORD):
+                col = PER_WORD * t + i  # the columns of value i of each word
                 if EVEN_K:
-                    x = tl.load(x_ptr + 8 * t + i).to(tl.float32)  # the columns of nibble i
+                    x = tl.load(x_ptr + col).to(tl.float32)
                 else:
-                    x = tl.load(x_ptr + 8 * t + i, mask=8 * t + i < K, other=0.0).to(tl.float32)
-                if 4 * i <= 19:
-                    bits = words << (19 - 4 * i)
+                    x = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
+                if BITS * i <= 23 - BITS:
+                    bits = words << (23 - BITS - BITS * i)
                 else:
-                    bits = words >> (4 * i - 19)
-                f = ((bits & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q / 16
+                    bits = words >> (BITS * i - 23 + BITS)
+                f = ((bits & MANTISSA) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + u / 2^BITS
                 xf += x[None, :] * f
                 x_sum += x
             g = k0 // GROUP
-            s = tl.load(s_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32) * 16.0
-            o = tl.load(o_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32) - s
-            acc += tl.sum(xf, axis=1) * s + tl.sum(x_sum, axis=0) * o
+            s = tl.load(s_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+            if BITS == 8:
+                o = -128.0 * s
+            else:
+                o = tl.load(o_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+            s = s * (1 << BITS)
+            acc += tl.sum(xf, axis=1) * s + tl.sum(x_sum, axis=0) * (o - s)
         tl.store(y_ptr + split * N + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.jit
@@ -197,11 +213,27 @@ if triton is not None:
 
 
 def int4_config(m: int, n: int, group_size: int) -> dict:
-    """Block sizes and warps for int4_matmul: decode (m = 1) takes the GEMV kernel (tuned on H100/H200 with
-    scripts/bench.py --int4_sweep), more rows the tensor-core kernel."""
-    if m == 1:  # best or near it for every Llama-2-7B matrix on H200 (BENCHMARKS.md)
+    """Block sizes and warps for int4_matmul: decode (m = 1) takes the GEMV kernel, more rows the tensor-core
+    kernel. Tuned on H200 with scripts/bench.py --int4_sweep (BENCHMARKS.md)."""
+    if m == 1:
         return dict(BLOCK_N=32, BLOCK_K=min(group_size, 128), SPLIT_K=8, num_warps=1)
     return dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=64, BLOCK_K=min(group_size, 128), num_warps=4)
+
+
+def gemv(x: Tensor, words: Tensor, scales: Tensor, offsets: Optional[Tensor], bits: int, group_size: int,
+         config: dict) -> Tensor:
+    """x [1, K] @ dequant(words).T -> [1, N] with _gemv_kernel; words: the weight viewed as int32 [N, K*bits/32]."""
+    k, n = x.shape[1], words.shape[0]
+    config = dict(config)
+    split = config.pop("SPLIT_K", 1)  # programs sharing a row's K: more loads in flight when N is small
+    blocks = triton.cdiv(k, config["BLOCK_K"])
+    k_per_split = triton.cdiv(blocks, split) * config["BLOCK_K"]
+    y = torch.empty(split, n, device=x.device, dtype=x.dtype if split == 1 else torch.float32)
+    _gemv_kernel[(triton.cdiv(n, config["BLOCK_N"]), split)](
+        x, words, scales, scales if offsets is None else offsets, y, n, k, words.stride(0), scales.stride(0) if
+        scales.dim() > 1 else 1, k_per_split, BITS=bits, GROUP=group_size, EVEN_K=k % config["BLOCK_K"] == 0,
+        **config)
+    return y if split == 1 else y.sum(0, keepdim=True).to(x.dtype)
 
 
 def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, group_size: int,
@@ -212,26 +244,25 @@ def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, grou
     m, k = x.shape
     n = packed.shape[0]
     config = config or int4_config(m, n, group_size)
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 1:
-        # SPLIT_K programs share a row's K (more loads in flight when N is small); their partial sums add up
-        config = dict(config)
-        split = config.pop("SPLIT_K", 1)
-        blocks = triton.cdiv(k, config["BLOCK_K"])
-        k_per_split = triton.cdiv(blocks, split) * config["BLOCK_K"]
-        partial = y if split == 1 else torch.empty(split, n, device=x.device, dtype=torch.float32)
-        _int4_gemv_kernel[(triton.cdiv(n, config["BLOCK_N"]), split)](
-            x, packed.view(torch.int32), scales, offsets, partial, n, k, packed.stride(0) // 4, scales.stride(0),
-            k_per_split, GROUP=group_size, EVEN_K=k % config["BLOCK_K"] == 0, **config)
-        if split > 1:
-            y = partial.sum(0, keepdim=True).to(x.dtype)
-    else:
-        grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]))
-        # float32 inputs get exact float32 products, not TF32's 10-bit mantissas
-        precision = "ieee" if x.dtype == torch.float32 else "tf32"
-        _int4_matmul_kernel[grid](x, packed, scales, offsets, y, m, n, k, x.stride(0), packed.stride(0),
-                                  scales.stride(0), y.stride(0), GROUP=group_size, DOT_PRECISION=precision, **config)
+        return gemv(x, packed.view(torch.int32), scales, offsets, 4, group_size, config)
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]))
+    # float32 inputs get exact float32 products, not TF32's 10-bit mantissas
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    _int4_matmul_kernel[grid](x, packed, scales, offsets, y, m, n, k, x.stride(0), packed.stride(0),
+                              scales.stride(0), y.stride(0), GROUP=group_size, DOT_PRECISION=precision, **config)
     return y
+
+
+INT8_GEMV_CONFIG = dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=8, num_warps=2)
+
+
+def int8_gemv(x: Tensor, weight: Tensor, scales: Tensor, config: Optional[dict] = None) -> Tensor:
+    """x [1, K] @ (weight * scales[:, None]).T -> [1, N] for int8 weight [N, K], K a multiple of 4."""
+    config = config or INT8_GEMV_CONFIG
+    group = triton.cdiv(x.shape[1], config["BLOCK_K"]) * config["BLOCK_K"]  # one scale for the whole row
+    return gemv(x.contiguous(), weight.view(torch.int32), scales, None, 8, group, config)
 
 
 # ---------------------------------------------------------------------------------------- model surgery

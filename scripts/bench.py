@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import (DTYPES, compile_fns, generate, kv_cache_bytes, peak_memory_gb,  # noqa: E402
                       weight_bytes_per_token)
 from model import FeedForward, ModelArgs, Transformer  # noqa: E402
-from quantize import (INT4_GROUP_SIZES, SCHEMES, int4_config, int4_matmul, make_scheme,  # noqa: E402
+from quantize import (INT4_GROUP_SIZES, INT8_GEMV_CONFIG, SCHEMES, int4_config, int4_matmul,  # noqa: E402
+                      int8_gemv, make_scheme,
                       quantizable_linears, quantize_int4, quantize_int8, quantize_state_dict, swap_linears)
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -225,13 +226,14 @@ def quantized_weights(n: int, k: int, device: torch.device, dtype: torch.dtype, 
 
 def quant_microbench(device: torch.device, dtype: torch.dtype, ms: list, group_size: int):
     """Per Llama-2-7B decode matmul and row count m: microseconds and GB/s (of the format's own bytes) of a
-    bf16 F.linear, int8 as Int8Linear computes it (compiled, so the dequant fuses), our int4 Triton kernel,
-    and torch's _weight_int4pack_mm; speedups are over bf16 in the same run."""
-    def int8_linear(x, q, s):
+    bf16 F.linear, int8 as Int8Linear computes it on CUDA (our GEMV at m = 1, else compiled dequant-matmul),
+    our int4 Triton kernels, and torch's _weight_int4pack_mm; speedups are over bf16 in the same run."""
+    def int8_linear(x, q, s):  # Int8Linear's path for more than one row
         return F.linear(x, q.to(x.dtype)) * s
 
     compile_fns(device)  # inductor set up as generate.py sets it for the decode step
-    fns = {"bf16": F.linear, "int8": torch.compile(int8_linear),
+    int8_compiled = torch.compile(int8_linear)
+    fns = {"bf16": F.linear, "int8": lambda x, q, s: int8_gemv(x, q, s) if x.shape[0] == 1 else int8_compiled(x, q, s),
            "int4": lambda x, p, s, o: int4_matmul(x, p, s, o, group_size),
            "torch_int4pack": lambda x, p, sz: torch._weight_int4pack_mm(x, p, group_size, sz)}
     with torch.no_grad():
@@ -300,6 +302,23 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
                 log(f"int4 sweep {name} m={m}: best {best[:3]}, default {default_key} "
                     f"{results.get(default_key) or 0:.0f} GB/s")
             del copies, tensors
+            if 1 in ms:  # the int8 decode kernel, same sweep
+                q8, s8 = quantize_int8(torch.randn(n, k, device=device, dtype=dtype))
+                nbytes = q8.numel() + s8.numel() * s8.element_size()
+                copies = [(q8, s8)] + [(q8.clone(), s8.clone()) for _ in range(weight_copies(nbytes, device) - 1)]
+                x = torch.randn(1, k, device=device, dtype=dtype)
+                results = {}
+                for config in [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=w) for bn in (8, 16, 32)
+                               for bk in (256, 512, 1024) for sk in (2, 4, 8) for w in (1, 2, 4)]:
+                    t_ms = graph_ms_per_call([lambda c=c: int8_gemv(x, *c, config=config) for c in copies * 4],
+                                             device, reps=10)
+                    results[config_key(config)] = nbytes / t_ms / 1e6
+                best = sorted(results.items(), key=lambda kv: -kv[1])[:5]
+                default_key = config_key(INT8_GEMV_CONFIG)
+                yield dict(kind="int4_sweep", format="int8", matmul=name, n=n, k=k, m=1, best=best,
+                           default=default_key, default_gb_s=results.get(default_key), all=results)
+                log(f"int8 sweep {name}: best {best[:3]}, default {default_key} {results.get(default_key) or 0:.0f} GB/s")
+                del copies
 
 
 def materialize(cls, args: ModelArgs, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -472,7 +491,7 @@ def main(a: argparse.Namespace):
                 f" | {f} {r[f + '_us']:.1f} us {r[f + '_gb_s']:.0f} GB/s" + (f" x{r[f + '_speedup']:.2f}" if f != "bf16" else "")
                 for f in ("bf16", "int8", "int4", "torch_int4pack") if f + "_us" in r))
         if r["kind"] == "int4_sweep":
-            print(f"int4 sweep {r['matmul']} m={r['m']}: best " + ", ".join(f"{c} {v:.0f}" for c, v in r["best"][:3])
+            print(f"{r.get('format', 'int4')} sweep {r['matmul']} m={r['m']}: best " + ", ".join(f"{c} {v:.0f}" for c, v in r["best"][:3])
                   + f" GB/s; default {r['default']} {r['default_gb_s'] or 0:.0f} GB/s")
         if r["kind"] == "mlp_microbench":
             print(f"mlp {r['shape']} {r['dtype']}: fused {r['fused_us']:.1f} us ({r['fused_gb_s']:.1f} GB/s), "

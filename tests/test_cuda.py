@@ -59,13 +59,13 @@ def test_int4_kernel_in_bfloat16_on_cuda_is_close_to_float32_reference(m, group_
     assert ((got - expected).norm() / expected.norm()).item() <= 1e-2  # bf16 inputs and output
 
 
-def test_compiled_int4_decode_equals_eager_on_cuda(hf_checkpoint, tmp_path):
-    from quantize import Int4Linear, quantize_checkpoint
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_compiled_quantized_decode_with_our_kernels_equals_eager_on_cuda(mode, hf_checkpoint, tmp_path):
+    from quantize import quantize_checkpoint
 
     _, path = hf_checkpoint("llama3.1")
-    model = load_model(quantize_checkpoint(path, "int4", output=tmp_path / "q.pth", group_size=32), "cuda",
+    model = load_model(quantize_checkpoint(path, mode, output=tmp_path / "q.pth", group_size=32), "cuda",
                        torch.float32)
-    assert isinstance(model.layers[0].feed_forward.w2, Int4Linear)
     model.setup_caches(1, 64)
     prompt = torch.randint(3, 320, (10,), generator=torch.Generator().manual_seed(1)).cuda()
     eager = generate(model, prompt, 40, temperature=0.0)

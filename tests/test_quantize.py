@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT
 from generate import load_model
-from quantize import (INT4_GROUP_SIZES, Int4Linear, Int8Linear, dequantize_int4, int4_matmul,
+from quantize import (INT4_GROUP_SIZES, Int4Linear, Int8Linear, dequantize_int4, int4_matmul, int8_gemv,
                       quantize_checkpoint, quantize_int4, quantize_int8)
 
 QUANTIZE = [sys.executable, str(ROOT / "quantize.py")]
@@ -32,6 +32,17 @@ def test_int8_round_trip_error_is_at_most_half_a_step_per_row():
     err = (w - q.float() * scales[:, None]).abs()
     assert (err <= scales[:, None] / 2 * (1 + 1e-5)).all()
     assert err[5].max() == 0
+
+
+@pytest.mark.parametrize("n,k,config", [(24, 300, None), (40, 1024, None),
+                                        (17, 2052, dict(BLOCK_N=8, BLOCK_K=256, SPLIT_K=3, num_warps=1))])
+def test_int8_decode_kernel_matches_the_pytorch_reference(n, k, config):
+    g = torch.Generator().manual_seed(k)
+    w, x = torch.randn(n, k, generator=g), torch.randn(1, k, generator=g)
+    q, scales = quantize_int8(w)
+    expected = x @ (q.float() * scales[:, None]).T
+    got = int8_gemv(x.to(KERNEL_DEVICE), q.to(KERNEL_DEVICE), scales.to(KERNEL_DEVICE), config=config).cpu()
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
 @pytest.mark.parametrize("family", ["llama2", "llama3.2", "qwen2"])
