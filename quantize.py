@@ -255,7 +255,7 @@ def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, grou
     return y
 
 
-INT8_GEMV_CONFIG = dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=8, num_warps=2)
+INT8_GEMV_CONFIG = dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=4, num_warps=4)  # H200 sweep, BENCHMARKS.md
 
 
 def int8_gemv(x: Tensor, weight: Tensor, scales: Tensor, config: Optional[dict] = None) -> Tensor:
