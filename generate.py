@@ -88,9 +88,13 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None
     """Draw a token per row from logits [B, V] -> [B, 1]; temperature 0 is exact argmax."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    probs = logits_to_probs(logits, temperature, top_k, top_p)
-    # argmax(p / E) with E ~ Exp(1) picks token i with probability p_i (the exponential race), without
-    # the host sync torch.multinomial needs.
+    return draw(logits_to_probs(logits, temperature, top_k, top_p))
+
+
+def draw(probs: Tensor) -> Tensor:
+    """One token per row of probs [B, V] (unnormalised is fine) -> [B, 1]."""
+    # argmax(p / E) with E ~ Exp(1) picks token i with probability p_i / sum(p) (the exponential race),
+    # without the host sync torch.multinomial needs.
     race = torch.empty_like(probs).exponential_(1)
     return torch.argmax(probs / race, dim=-1, keepdim=True)
 
@@ -198,16 +202,22 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def compile_fns(device, compile_prefill: bool = False):
-    """torch.compile the decode step (CUDA graphs on GPU, one graph for every step and sample) and,
-    optionally, the prefill (dynamic prompt length). Returns (prefill_fn, decode_fn)."""
+def compile_step(fn: Callable, device) -> Callable:
+    """torch.compile a step whose shapes never change: one graph, and on GPU one CUDA graph replayed for
+    every call (mode reduce-overhead)."""
     import torch._inductor.config as inductor_config
 
     inductor_config.coordinate_descent_tuning = True
     inductor_config.triton.unique_kernel_names = True
     inductor_config.fx_graph_cache = True
     cuda = torch.device(device).type == "cuda"
-    decode = torch.compile(decode_one_token, mode="reduce-overhead" if cuda else None, fullgraph=True)
+    return torch.compile(fn, mode="reduce-overhead" if cuda else None, fullgraph=True)
+
+
+def compile_fns(device, compile_prefill: bool = False):
+    """torch.compile the decode step (CUDA graphs on GPU, one graph for every step and sample) and,
+    optionally, the prefill (dynamic prompt length). Returns (prefill_fn, decode_fn)."""
+    decode = compile_step(decode_one_token, device)
     prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True) if compile_prefill else prefill
     return prefill_fn, decode
 
