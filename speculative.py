@@ -149,13 +149,17 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Tensor
                 break
             stream.push(torch.tensor([t]))
     t2 = time.perf_counter()
-    if timings is not None:
+    if timings is not None:  # decode_steps counts tokens, as generate's one-token steps do
         timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=len(row) - 1)
-    rounds = sum(accepted_counts)
-    stats = dict(rounds=rounds, speculate_k=k, accepted_counts=accepted_counts,
-                 acceptance_by_position=[sum(accepted_counts[i:]) / max(rounds, 1) for i in range(1, k + 1)],
-                 mean_accepted=sum(i * c for i, c in enumerate(accepted_counts)) / max(rounds, 1))
-    return stream.rows, stats
+    return stream.rows, acceptance_stats(accepted_counts)
+
+
+def acceptance_stats(accepted_counts: list) -> dict:
+    """accepted_counts[n]: target steps that accepted n of the k drafts -> speculative_generate's stats."""
+    rounds, k = sum(accepted_counts), len(accepted_counts) - 1
+    return dict(rounds=rounds, speculate_k=k, accepted_counts=list(accepted_counts),
+                acceptance_by_position=[sum(accepted_counts[i:]) / max(rounds, 1) for i in range(1, k + 1)],
+                mean_accepted=sum(n * c for n, c in enumerate(accepted_counts)) / max(rounds, 1))
 
 
 def format_stats(stats: dict) -> str:
