@@ -3,7 +3,7 @@
     python scripts/bench.py --model llama-2-7b --model llama-3-8b --bandwidth
     python scripts/bench.py --model llama-3.2-1b --batch_size 8 --max_new_tokens 512 --mlp_microbench
     python scripts/bench.py --model tiny --device cpu --runs 2 --max_new_tokens 20 --no-compile --bandwidth
-    python scripts/bench.py --model llama-2-7b --draft self-int4 --speculate_k 5     # speculative vs target-only
+    python scripts/bench.py --model llama-2-7b --draft self-int8 --speculate_k 5     # speculative vs target-only
 
 Each model is built on the meta device, materialised on the target device in --precision and filled with
 random normal weights, then run through generate.py's own generate() (compiled with compile_fns() unless
@@ -14,7 +14,7 @@ and appends one JSON line per model (and per measurement) to --out.
 
 --draft measures speculative decoding (speculative.py) against target-only decoding in the same process, both
 greedy from the same prompt, alternating run by run: the draft is the target's own weights quantized by a
-quantize.py scheme ('self-int8'), the target's weights as they are ('self': every draft accepted, a bound), or
+quantize.py scheme ('self-int8'; every scheme in quantize.SCHEMES is offered), the target's weights as they are ('self': every draft accepted, a bound), or
 another shape with random weights and the target's vocabulary (which accepts almost nothing). Random weights
 make acceptance a property of the quantization error, not of text; report it next to the speedup.
 """
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import (DTYPES, compile_fns, generate, kv_cache_bytes, peak_memory_gb,  # noqa: E402
                       weight_bytes_per_token)
-from speculative import compile_speculative_fns, format_stats, speculative_generate, acceptance_stats  # noqa: E402
+from speculative import acceptance_stats, compile_speculative_fns, format_stats, speculative_generate  # noqa: E402
 from model import FeedForward, ModelArgs, Transformer  # noqa: E402
 from quantize import SCHEMES, quantizable_linears, quantize_state_dict, swap_linears  # noqa: E402
 
