@@ -14,9 +14,10 @@ and appends one JSON line per model (and per measurement) to --out.
 
 --draft measures speculative decoding (speculative.py) against target-only decoding in the same process, both
 greedy from the same prompt, alternating run by run: the draft is the target's own weights quantized by a
-quantize.py scheme ('self-int8'; every scheme in quantize.SCHEMES is offered), the target's weights as they are ('self': every draft accepted, a bound), or
-another shape with random weights and the target's vocabulary (which accepts almost nothing). Random weights
-make acceptance a property of the quantization error, not of text; report it next to the speedup.
+quantize.py scheme ('self-int8'; each scheme in quantize.SCHEMES is offered as self-SCHEME), the target's
+weights as they are ('self': every draft accepted, a bound), or another shape with random weights and the
+target's vocabulary (which accepts almost nothing). Random weights make acceptance a property of the
+quantization error, not of text; report it next to the speedup.
 """
 import argparse
 import contextlib
