@@ -88,9 +88,13 @@ def sample(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None
     """Draw a token per row from logits [B, V] -> [B, 1]; temperature 0 is exact argmax."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    probs = logits_to_probs(logits, temperature, top_k, top_p)
-    # argmax(p / E) with E ~ Exp(1) picks token i with probability p_i (the exponential race), without
-    # the host sync torch.multinomial needs.
+    return draw(logits_to_probs(logits, temperature, top_k, top_p))
+
+
+def draw(probs: Tensor) -> Tensor:
+    """One token per row of probs [B, V] (unnormalised is fine) -> [B, 1]."""
+    # argmax(p / E) with E ~ Exp(1) picks token i with probability p_i / sum(p) (the exponential race),
+    # without the host sync torch.multinomial needs.
     race = torch.empty_like(probs).exponential_(1)
     return torch.argmax(probs / race, dim=-1, keepdim=True)
 
@@ -198,16 +202,22 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def compile_fns(device, compile_prefill: bool = False):
-    """torch.compile the decode step (CUDA graphs on GPU, one graph for every step and sample) and,
-    optionally, the prefill (dynamic prompt length). Returns (prefill_fn, decode_fn)."""
+def compile_step(fn: Callable, device) -> Callable:
+    """torch.compile a step whose shapes never change: one graph, and on GPU one CUDA graph replayed for
+    every call (mode reduce-overhead)."""
     import torch._inductor.config as inductor_config
 
     inductor_config.coordinate_descent_tuning = True
     inductor_config.triton.unique_kernel_names = True
     inductor_config.fx_graph_cache = True
     cuda = torch.device(device).type == "cuda"
-    decode = torch.compile(decode_one_token, mode="reduce-overhead" if cuda else None, fullgraph=True)
+    return torch.compile(fn, mode="reduce-overhead" if cuda else None, fullgraph=True)
+
+
+def compile_fns(device, compile_prefill: bool = False):
+    """torch.compile the decode step (CUDA graphs on GPU, one graph for every step and sample) and,
+    optionally, the prefill (dynamic prompt length). Returns (prefill_fn, decode_fn)."""
+    decode = compile_step(decode_one_token, device)
     prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True) if compile_prefill else prefill
     return prefill_fn, decode
 
@@ -273,7 +283,7 @@ def find_tokenizer(checkpoint_path: Path) -> Path:
 def main(checkpoint_path: Path, prompt: str, max_new_tokens: int, num_samples: int, temperature: float,
          top_k: Optional[int], top_p: Optional[float], batch_size: int, interactive: bool, compile: bool,
          compile_prefill: bool, device: Optional[str], precision: Optional[str], profile: Optional[Path],
-         tokenizer_path: Optional[Path], seed: int):
+         tokenizer_path: Optional[Path], seed: int, draft_checkpoint_path: Optional[Path], speculate_k: int):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # bfloat16 halves the bytes each step reads on a GPU; CPUs without bf16 matrix units run it far slower.
     precision = precision or ("bfloat16" if device.type == "cuda" else "float32")
@@ -283,14 +293,22 @@ def main(checkpoint_path: Path, prompt: str, max_new_tokens: int, num_samples: i
                               "scripts/convert_hf_checkpoint.py")
     ckpt = load_checkpoint(checkpoint_path)  # validates cheaply (mmap) before the tokenizer and the weights
     facts = ckpt.get("tokenizer") or {}
-    tokenizer = load_tokenizer(tokenizer_path or find_tokenizer(checkpoint_path), facts.get("special_tokens"),
-                               facts.get("bos_id"), facts.get("eos_ids"), facts.get("pattern"))
+    tokenizer_path = tokenizer_path or find_tokenizer(checkpoint_path)
+    tokenizer = load_tokenizer(tokenizer_path, facts.get("special_tokens"), facts.get("bos_id"),
+                               facts.get("eos_ids"), facts.get("pattern"))
     if not facts.get("add_bos", True):
         tokenizer.bos_id = None
     args = ModelArgs.from_dict(ckpt["model_args"])
     if tokenizer.vocab_size > args.vocab_size:
         raise TokenizerError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                              f"{args.vocab_size}; is it the checkpoint's own tokenizer?")
+    draft_ckpt = None
+    if draft_checkpoint_path is not None:
+        if batch_size > 1 or interactive:
+            raise UserError("--draft_checkpoint_path (speculative decoding) needs --batch_size 1 and no --interactive")
+        import speculative  # here, not at the top: speculative.py imports this module
+
+        draft_ckpt = speculative.check_draft_checkpoint(draft_checkpoint_path, ckpt, tokenizer_path)  # no weights read
     if interactive:
         cache_len = min(args.max_seq_len, 4096)  # room for a conversation, bounded for small GPUs
         ids = None
@@ -303,6 +321,8 @@ def main(checkpoint_path: Path, prompt: str, max_new_tokens: int, num_samples: i
         if cache_len > args.max_seq_len:
             raise UserError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) = {cache_len} "
                             f"exceeds the model's context of {args.max_seq_len}; shorten one of them")
+        if draft_ckpt is not None:  # room for the drafts scored past the last token (never emitted)
+            cache_len += speculate_k
 
     t0 = time.perf_counter()
     model = load_model(checkpoint_path, device, DTYPES[precision], checkpoint=ckpt)
@@ -312,18 +332,35 @@ def main(checkpoint_path: Path, prompt: str, max_new_tokens: int, num_samples: i
     model.setup_caches(batch_size, cache_len)
     prefill_fn, decode_fn = compile_fns(device, compile_prefill) if compile else (prefill, decode_one_token)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=tokenizer.stop_ids,
-                    prefill_fn=prefill_fn, decode_fn=decode_fn)
+                    prefill_fn=prefill_fn)
     if interactive:
-        return chat(model, tokenizer, facts.get("chat_format"), max_new_tokens, device, **sampling)
+        return chat(model, tokenizer, facts.get("chat_format"), max_new_tokens, device, decode_fn=decode_fn,
+                    **sampling)
 
     prompt_ids = torch.tensor(ids, device=device, dtype=torch.long).repeat(batch_size, 1)
+    if draft_ckpt is None:
+        def run(**kw):  # -> (rows, None)
+            return generate(model, prompt_ids, max_new_tokens, decode_fn=decode_fn, **sampling, **kw), None
+    else:
+        t0 = time.perf_counter()
+        draft = load_model(draft_checkpoint_path, device, DTYPES[precision], checkpoint=draft_ckpt)
+        del draft_ckpt
+        draft.setup_caches(batch_size, cache_len)
+        _sync(device)
+        log(f"loaded draft {draft_checkpoint_path} in {time.perf_counter() - t0:.1f} s")
+        draft_fn, verify_fn = (speculative.compile_speculative_fns(device) if compile
+                               else (speculative.draft_one_token, speculative.verify))
+
+        def run(**kw):  # -> (rows, acceptance stats)
+            return speculative.speculative_generate(model, draft, prompt_ids, max_new_tokens, speculate_k=speculate_k,
+                                                    draft_fn=draft_fn, verify_fn=verify_fn, **sampling, **kw)
     if compile:  # the first call compiles (and captures CUDA graphs); keep it out of the numbers
         t0 = time.perf_counter()
-        generate(model, prompt_ids, max_new_tokens, **sampling)
+        run()
         log(f"compiled in {time.perf_counter() - t0:.1f} s")
     weight_bytes = weight_bytes_per_token(model)
     step_bytes = weight_bytes + kv_cache_bytes(model, batch_size)
-    results = []
+    results, all_stats = [], []
     for i in range(num_samples):
         timings = {}
         printer = TextPrinter(tokenizer, tokenizer.stop_ids)
@@ -331,7 +368,7 @@ def main(checkpoint_path: Path, prompt: str, max_new_tokens: int, num_samples: i
             sys.stdout.write(prompt)
         profiling = profile is not None and i == num_samples - 1
         with (torch.profiler.profile() if profiling else contextlib.nullcontext()) as prof:
-            rows = generate(model, prompt_ids, max_new_tokens, on_token=printer, timings=timings, **sampling)
+            rows, stats = run(on_token=printer, timings=timings)
         if profiling:
             prof.export_chrome_trace(str(profile))
             log(f"wrote profiler trace {profile}")
@@ -341,12 +378,22 @@ def main(checkpoint_path: Path, prompt: str, max_new_tokens: int, num_samples: i
         results.append(dict(ttft_s=timings["prefill_s"], tok_s=n_tokens / (timings["prefill_s"] + timings["decode_s"]),
                             decode_tok_s=steps_per_s * batch_size, gb_s=steps_per_s * step_bytes / 1e9))
         r = results[-1]
-        log(f"sample {i + 1}: {n_tokens} tokens, time to first token {r['ttft_s'] * 1e3:.1f} ms, "
-            f"{r['tok_s']:.2f} tok/s overall, {r['decode_tok_s']:.2f} tok/s decode, {r['gb_s']:.1f} GB/s")
+        line = (f"sample {i + 1}: {n_tokens} tokens, time to first token {r['ttft_s'] * 1e3:.1f} ms, "
+                f"{r['tok_s']:.2f} tok/s overall, {r['decode_tok_s']:.2f} tok/s decode")
+        if stats is None:
+            log(f"{line}, {r['gb_s']:.1f} GB/s")
+        else:  # a step reads the draft k times and the target once: no one number of bytes per token
+            all_stats.append(stats)
+            log(f"{line}; {speculative.format_stats(stats)}")
     med = {k: statistics.median(r[k] for r in results) for k in results[0]}
-    log(f"median of {num_samples}: time to first token {med['ttft_s'] * 1e3:.1f} ms, decode "
-        f"{med['decode_tok_s']:.2f} tok/s, {med['gb_s']:.1f} GB/s (weights {weight_bytes / 1e9:.2f} GB), "
-        f"peak memory {peak_memory_gb(device):.2f} GB")
+    summary = (f"median of {num_samples}: time to first token {med['ttft_s'] * 1e3:.1f} ms, decode "
+               f"{med['decode_tok_s']:.2f} tok/s")
+    if not all_stats:
+        log(f"{summary}, {med['gb_s']:.1f} GB/s (weights {weight_bytes / 1e9:.2f} GB), "
+            f"peak memory {peak_memory_gb(device):.2f} GB")
+    else:
+        total = speculative.acceptance_stats([sum(c) for c in zip(*(s["accepted_counts"] for s in all_stats))])
+        log(f"{summary}, peak memory {peak_memory_gb(device):.2f} GB; all samples: {speculative.format_stats(total)}")
 
 
 def chat(model, tokenizer, chat_format, max_new_tokens, device, **sampling):
@@ -391,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", type=Path, default=None, help="write a torch profiler trace of the last sample here")
     p.add_argument("--tokenizer_path", type=Path, default=None, help="default: tokenizer.model beside the checkpoint")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--draft_checkpoint_path", type=Path, default=None,
+                   help="speculative decoding with this draft (same vocabulary; e.g. the target's int8 copy)")
+    p.add_argument("--speculate_k", type=int, default=5, help="tokens the draft proposes per target step")
     return p
 
 
@@ -401,6 +451,8 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace):
         p.error("need --temperature >= 0, --top_k >= 1 and 0 < --top_p <= 1")
     if not a.prompt:
         p.error("--prompt is empty")
+    if a.speculate_k < 1:
+        p.error("--speculate_k must be at least 1")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python scripts/bench.py --model llama-2-7b --model llama-3-8b --bandwidth
     python scripts/bench.py --model llama-3.2-1b --batch_size 8 --max_new_tokens 512 --mlp_microbench
     python scripts/bench.py --model tiny --device cpu --runs 2 --max_new_tokens 20 --no-compile --bandwidth
+    python scripts/bench.py --model llama-2-7b --draft self-int8 --speculate_k 5     # speculative vs target-only
 
 Each model is built on the meta device, materialised on the target device in --precision and filled with
 random normal weights, then run through generate.py's own generate() (compiled with compile_fns() unless
@@ -10,6 +11,13 @@ random normal weights, then run through generate.py's own generate() (compiled w
 decoding and no stop tokens, so every run decodes exactly --max_new_tokens tokens. --bandwidth first
 measures the device's copy and read bandwidth, the ceiling decode GB/s is compared against. Prints a table
 and appends one JSON line per model (and per measurement) to --out.
+
+--draft measures speculative decoding (speculative.py) against target-only decoding in the same process, both
+greedy from the same prompt, alternating run by run: the draft is the target's own weights quantized by a
+quantize.py scheme ('self-int8'; each scheme in quantize.SCHEMES is offered as self-SCHEME), the target's
+weights as they are ('self': every draft accepted, a bound), or another shape with random weights and the
+target's vocabulary (which accepts almost nothing). Random weights make acceptance a property of the
+quantization error, not of text; report it next to the speedup.
 """
 import argparse
 import contextlib
@@ -30,6 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import (DTYPES, compile_fns, generate, kv_cache_bytes, peak_memory_gb,  # noqa: E402
                       weight_bytes_per_token)
+from speculative import acceptance_stats, compile_speculative_fns, format_stats, speculative_generate  # noqa: E402
 from model import FeedForward, ModelArgs, Transformer  # noqa: E402
 from quantize import (INT4_GROUP_SIZES, INT8_GEMV_CONFIG, SCHEMES, int4_config, int4_matmul,  # noqa: E402
                       int8_gemv, make_scheme,
@@ -342,14 +351,42 @@ def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, quant
     if args.tie_word_embeddings:  # to_empty gives each module its own tensor; share one again
         model.output.weight = model.tok_embeddings.weight
     randomize(model)
-    if quantization != "none":  # quantize.py's own conversion, applied to the model in memory
+    return quantize_in_memory(model, quantization, group_size)
+
+
+def quantize_in_memory(model: Transformer, mode: str, group_size: int = 128) -> Transformer:
+    """quantize.py's own conversion (mode by name, 'none' for none; int4 with group_size), applied in memory."""
+    if mode != "none":
         names = [name for name, *_ in quantizable_linears(model)]
-        scheme = make_scheme(quantization, group_size)
+        scheme = make_scheme(mode, group_size)
         state_dict = quantize_state_dict(model.state_dict(), names, scheme)
         swap_linears(model, scheme)
         model.load_state_dict(state_dict, assign=True)
-        del state_dict
     return model
+
+
+def build_draft(draft: str, target: Transformer, device: torch.device, dtype: torch.dtype,
+                group_size: int = 128) -> Transformer:
+    """'self': the target's weights (shared, not copied); 'self-SCHEME': them quantized by quantize.py's SCHEME
+    (the float tensors it does not quantize stay shared); a shape name: random weights, the target's vocabulary."""
+    if draft == "self" or draft.startswith("self-"):
+        with torch.device("meta"):
+            model = Transformer(target.args)
+        model.load_state_dict(target.state_dict(), assign=True)
+        return quantize_in_memory(model.eval(), draft.removeprefix("self").removeprefix("-") or "none", group_size)
+    return build_model(ModelArgs(**dict(MODELS[draft], vocab_size=target.args.vocab_size)), device, dtype, "none")
+
+
+def apply_inductor_overrides(settings: list):
+    """--inductor_config KEY=VALUE experiments, on top of compile_fns' settings."""
+    import torch._inductor.config as inductor_config
+    for setting in settings:
+        key, value = setting.split("=", 1)
+        *parents, leaf = key.split(".")  # e.g. triton.enable_pdl
+        target = inductor_config
+        for p in parents:
+            target = getattr(target, p)
+        setattr(target, leaf, {"True": True, "False": False}.get(value, value))
 
 
 def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_s, quantization: str) -> dict:
@@ -359,14 +396,7 @@ def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_
     kw = dict(temperature=0.0, stop_ids=())  # greedy; no stop tokens, so every run decodes max_new_tokens
     if a.compile:
         kw["prefill_fn"], kw["decode_fn"] = compile_fns(device)
-        import torch._inductor.config as inductor_config
-        for setting in a.inductor_config:  # experiments on top of compile_fns' settings
-            key, value = setting.split("=", 1)
-            *parents, leaf = key.split(".")  # e.g. triton.enable_pdl
-            target = inductor_config
-            for p in parents:
-                target = getattr(target, p)
-            setattr(target, leaf, {"True": True, "False": False}.get(value, value))
+        apply_inductor_overrides(a.inductor_config)
     prompt = torch.randint(0, args.vocab_size, (a.batch_size, a.prompt_len), device=device)
     t0 = time.perf_counter()
     generate(model, prompt, a.max_new_tokens, **kw)  # compiles and captures CUDA graphs when compiling
@@ -396,6 +426,56 @@ def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_
                 peak_memory_gb=peak_memory_gb(device), weights_gb=sum(seen.values()) / 1e9,
                 weight_read_gb=weight_read / 1e9, step_read_gb=step_bytes / 1e9,
                 fraction_of_read_bw=med["gb_s"] / read_gb_s if read_gb_s else None, runs=runs)
+
+
+def bench_speculative(name: str, a: argparse.Namespace, device: torch.device, quantization: str) -> dict:
+    """Greedy decode tok/s of the target alone and of speculative decoding with a.draft, in alternating runs from
+    one prompt; the draft alone too, so the cost of a draft step relative to a target step is on record."""
+    args, dtype, k = ModelArgs(**MODELS[name]), DTYPES[a.precision], a.speculate_k
+    target = build_model(args, device, dtype, quantization)
+    draft = build_draft(a.draft, target, device, dtype, a.groupsize)
+    for model in (target, draft):
+        model.setup_caches(1, a.prompt_len + a.max_new_tokens + k)
+    kw = dict(temperature=0.0, stop_ids=())  # no stop tokens: every run decodes max_new_tokens
+    spec_kw = dict(kw, speculate_k=k)
+    if a.compile:
+        kw["prefill_fn"], kw["decode_fn"] = compile_fns(device)
+        spec_kw["prefill_fn"] = kw["prefill_fn"]
+        spec_kw["draft_fn"], spec_kw["verify_fn"] = compile_speculative_fns(device)
+        apply_inductor_overrides(a.inductor_config)
+    prompt = torch.randint(0, args.vocab_size, (1, a.prompt_len), device=device)
+    t0 = time.perf_counter()
+    target_rows = generate(target, prompt, a.max_new_tokens, **kw)
+    generate(draft, prompt, a.max_new_tokens, **kw)  # a second graph of the same step, for the draft
+    spec_rows, _ = speculative_generate(target, draft, prompt, a.max_new_tokens, **spec_kw)
+    compile_s = time.perf_counter() - t0
+    log(f"{name} + draft {a.draft}: warm-up{' (compile)' if a.compile else ''} {compile_s:.1f} s")
+    # Greedy speculative output is the target's token for token in exact arithmetic; a k+1-token forward rounds
+    # differently from a 1-token one, so in bf16 a near-tie can flip: record where the outputs first differ.
+    first_difference = next((i for i, (x, y) in enumerate(zip(target_rows[0], spec_rows[0])) if x != y), None)
+    runs, counts = [], [0] * (k + 1)
+    for i in range(a.runs):
+        t_target, t_draft, t_spec = {}, {}, {}
+        generate(target, prompt, a.max_new_tokens, timings=t_target, **kw)
+        generate(draft, prompt, a.max_new_tokens, timings=t_draft, **kw)
+        _, stats = speculative_generate(target, draft, prompt, a.max_new_tokens, timings=t_spec, **spec_kw)
+        counts = [c + n for c, n in zip(counts, stats["accepted_counts"])]
+        r = {f"{who}_tok_s": t["decode_steps"] / t["decode_s"]
+             for who, t in (("target", t_target), ("draft", t_draft), ("speculative", t_spec))}
+        r["speedup"] = r["speculative_tok_s"] / r["target_tok_s"]
+        r["mean_accepted"] = stats["mean_accepted"]
+        runs.append(r)
+        log(f"{name} + draft {a.draft}: run {i + 1}: target {r['target_tok_s']:.1f} tok/s, speculative "
+            f"{r['speculative_tok_s']:.1f} tok/s ({r['speedup']:.2f}x), draft alone {r['draft_tok_s']:.1f} tok/s; "
+            f"{format_stats(stats)}")
+    med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    total = acceptance_stats(counts)
+    return dict(kind="speculative", model=name, model_args=MODELS[name], precision=a.precision,
+                quantization=quantization, draft=a.draft, speculate_k=k, prompt_len=a.prompt_len,
+                max_new_tokens=a.max_new_tokens, compile=a.compile, inductor_config=a.inductor_config, **med,
+                acceptance_by_position=total["acceptance_by_position"], accepted_counts=counts,
+                first_difference=first_difference, compile_s=compile_s, peak_memory_gb=peak_memory_gb(device),
+                runs=runs)
 
 
 def profile_decode(model, prompt, kw, device, steps: int = 21):
@@ -470,11 +550,13 @@ def main(a: argparse.Namespace):
         free_memory(device)
     for name in a.model:
         for quantization in a.quantize or ["none"]:
+            kind = "speculative" if a.draft else "model"
             try:
-                records.append(bench_model(name, a, device, bw and bw["read_gb_s"], quantization))
+                records.append(bench_speculative(name, a, device, quantization) if a.draft else
+                               bench_model(name, a, device, bw and bw["read_gb_s"], quantization))
             except torch.cuda.OutOfMemoryError as e:
                 log(f"{name}: out of memory: {str(e).splitlines()[0]}")
-                records.append(dict(kind="model", model=name, quantization=quantization, error="out of memory"))
+                records.append(dict(kind=kind, model=name, quantization=quantization, error="out of memory"))
             free_memory(device)  # the model's last reference was in bench_model's frame
             save(a.out, records[-1], env)
     print(f"\n{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}")
@@ -496,6 +578,9 @@ def main(a: argparse.Namespace):
         if r["kind"] == "mlp_microbench":
             print(f"mlp {r['shape']} {r['dtype']}: fused {r['fused_us']:.1f} us ({r['fused_gb_s']:.1f} GB/s), "
                   f"separate {r['separate_us']:.1f} us ({r['separate_gb_s']:.1f} GB/s)")
+    if a.draft:
+        print_speculative([r for r in records if r["kind"] == "speculative"], a)
+        return
     header = (f"{'model':<20}{'tok/s':>10}{'GB/s':>9}{'%read':>7}{'TTFT ms':>9}{'compile s':>10}{'peak GB':>9}"
               f"{'weights GB':>11}")
     print(header + "\n" + "-" * len(header))
@@ -507,6 +592,24 @@ def main(a: argparse.Namespace):
             print(f"{label(r):<20}{r['tok_s']:>10.1f}{r['gb_s']:>9.2f}{frac:>7}{r['ttft_ms']:>9.1f}"
                   f"{r['compile_s']:>10.1f}{r['peak_memory_gb']:>9.3f}{r['weights_gb']:>11.3f}")
     print(f"batch {a.batch_size}, prompt {a.prompt_len}, {a.max_new_tokens} new tokens, {a.precision}, "
+          f"compile {'on' if a.compile else 'off'}, median of {a.runs}; appended to {a.out}")
+
+
+def print_speculative(records: list, a: argparse.Namespace):
+    header = (f"{'model':<20}{'draft':>12}{'k':>3}{'target tok/s':>14}{'spec tok/s':>12}{'speedup':>9}"
+              f"{'draft tok/s':>13}{'accepted/step':>15}  acceptance by position")
+    print(header + "\n" + "-" * (len(header) + 10))
+    for r in records:
+        if "error" in r:
+            print(f"{label(r):<20}{r['error']:>12}")
+            continue
+        print(f"{label(r):<20}{r['draft']:>12}{r['speculate_k']:>3}{r['target_tok_s']:>14.1f}"
+              f"{r['speculative_tok_s']:>12.1f}{r['speedup']:>8.2f}x{r['draft_tok_s']:>13.1f}"
+              f"{r['mean_accepted']:>10.2f} of {r['speculate_k']}  "
+              + " ".join(f"{x:.2f}" for x in r["acceptance_by_position"]))
+        if r["first_difference"] is not None:
+            print(f"  (greedy outputs first differ at token {r['first_difference']}: rounding, see bench_speculative)")
+    print(f"batch 1, prompt {a.prompt_len}, {a.max_new_tokens} new tokens, greedy, {a.precision}, "
           f"compile {'on' if a.compile else 'off'}, median of {a.runs}; appended to {a.out}")
 
 
@@ -537,10 +640,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="print the decode step's kernels by device time")
     p.add_argument("--max_autotune", action="store_true", help="inductor autotunes each matmul (max_autotune_gemm)")
     p.add_argument("--mlp_microbench", action="store_true", help="time a fused vs separate gate/up SwiGLU MLP")
+    p.add_argument("--draft", choices=["self", *(f"self-{s}" for s in SCHEMES), *MODELS],
+                   help="speculative decoding with this draft against target-only decoding (see above)")
+    p.add_argument("--speculate_k", type=int, default=5, help="with --draft: tokens drafted per target step")
     a = p.parse_args()
     a.quant_m = a.quant_m or [1, 6]
     if a.prompt_len < 1 or a.max_new_tokens < 2 or a.runs < 1 or a.batch_size < 1:
         p.error("need --prompt_len >= 1, --max_new_tokens >= 2, --runs >= 1 and --batch_size >= 1")
+    if a.draft and (a.batch_size != 1 or a.speculate_k < 1):
+        p.error("--draft needs --batch_size 1 and --speculate_k >= 1")
+    if a.draft and a.draft.startswith("self") and any(q != "none" for q in a.quantize or []):
+        p.error("--draft self/self-SCHEME builds the draft from a float target: leave out --quantize")
     for name in a.model:
         if a.prompt_len + a.max_new_tokens > MODELS[name]["max_seq_len"]:
             p.error(f"--prompt_len + --max_new_tokens exceeds {name}'s context of {MODELS[name]['max_seq_len']}")

@@ -100,3 +100,38 @@ def test_chat_formats_use_single_special_tokens(tiktoken_file_path, tiktoken_spe
     assert ids[0] == s["<|begin_of_text|>"] and ids[1] == s["<|start_header_id|>"]
     assert ids.count(s["<|eot_id|>"]) == 1 and ids.count(s["<|end_header_id|>"]) == 2
     assert tok.decode(ids[1:]).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_speculative_cli_prints_the_targets_greedy_text_and_the_acceptance(cli_checkpoint, tmp_path):
+    from quantize import quantize_checkpoint
+
+    draft = quantize_checkpoint(cli_checkpoint, "int8", output=tmp_path / "model_int8.pth")
+    args = ["--checkpoint_path", str(cli_checkpoint), "--prompt", "def model(", "--temperature", "0", *FAST]
+    plain = run(*args)
+    speculative = run(*args, "--draft_checkpoint_path", str(draft), "--speculate_k", "3")
+    assert speculative.returncode == 0, speculative.stderr
+    assert speculative.stdout == plain.stdout
+    assert speculative.stderr.count("acceptance by draft position") == 3  # each sample, then all of them
+    assert "tokens per target forward" in speculative.stderr and "median of 2" in speculative.stderr
+
+
+def test_speculative_cli_refuses_another_vocabulary_tokenizer_or_a_batch(cli_checkpoint, tiktoken_file_path,
+                                                                         tmp_path):
+    from model import ModelArgs, load_checkpoint, save_checkpoint
+
+    target = load_checkpoint(cli_checkpoint)
+    # A config of another vocabulary and no weights at all: refused by its config, before any weight is read.
+    other_vocab = dict(target["model_args"], vocab_size=256)
+    save_checkpoint(tmp_path / "small_vocab.pth", {}, ModelArgs.from_dict(other_vocab), target["tokenizer"])
+    args = ["--checkpoint_path", str(cli_checkpoint), *FAST]
+    assert_one_line_error(run(*args, "--draft_checkpoint_path", str(tmp_path / "small_vocab.pth")),
+                          "vocabulary of 256 tokens", "320")
+    # The same vocabulary size but another tokenizer file beside the draft.
+    folder = tmp_path / "other"
+    folder.mkdir()
+    shutil.copy(cli_checkpoint, folder / "model.pth")
+    shutil.copy(tiktoken_file_path, folder / "tokenizer.model")
+    assert_one_line_error(run(*args, "--draft_checkpoint_path", str(folder / "model.pth")), "tokenizer", "differs")
+    assert_one_line_error(run(*args, "--draft_checkpoint_path", str(cli_checkpoint), "--batch_size", "2"),
+                          "--batch_size 1")
+    assert_one_line_error(run(*args, "--draft_checkpoint_path", str(tmp_path / "missing.pth")), "not found")

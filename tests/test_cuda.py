@@ -73,3 +73,29 @@ def test_compiled_quantized_decode_with_our_kernels_equals_eager_on_cuda(mode, h
     prefill_fn, decode_fn = compile_fns("cuda")
     for _ in range(2):
         assert generate(model, prompt, 40, temperature=0.0, prefill_fn=prefill_fn, decode_fn=decode_fn) == eager
+
+
+def test_cuda_graph_speculative_decoding_equals_plain_greedy(hf_checkpoint, tmp_path):
+    # The draft step, the verify step and the target's own decode step are three CUDA graphs replayed in turn;
+    # every output is cloned before the next replay overwrites it (speculative_generate does this).
+    from quantize import quantize_checkpoint
+    from speculative import compile_speculative_fns, speculative_generate
+
+    _, path = hf_checkpoint("llama3.1")
+    target = load_model(path, "cuda", torch.float32)
+    draft = load_model(quantize_checkpoint(path, "int8", output=tmp_path / "q.pth"), "cuda", torch.float32)
+    for model in (target, draft):
+        model.setup_caches(1, 80)
+    prompt = torch.randint(3, 320, (10,), generator=torch.Generator().manual_seed(1)).cuda()
+    expected = generate(target, prompt, 60, temperature=0.0)
+    torch._dynamo.reset()
+    draft_fn, verify_fn = compile_speculative_fns("cuda")
+    for _ in range(2):  # the second call replays the captured graphs
+        rows, stats = speculative_generate(target, draft, prompt, 60, speculate_k=4, draft_fn=draft_fn,
+                                           verify_fn=verify_fn)
+        assert rows == expected
+        assert stats["accepted_counts"][4] > 0  # full acceptances: the draft's catch-up step ran
+    torch.manual_seed(0)
+    rows, stats = speculative_generate(target, draft, prompt, 60, speculate_k=4, temperature=0.8, top_k=100,
+                                       draft_fn=draft_fn, verify_fn=verify_fn)
+    assert len(rows[0]) == 60 and stats["mean_accepted"] > 2
