@@ -132,7 +132,7 @@ class Int4Linear(nn.Module):
 
 if triton is not None:
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, N, K, stride_wn, stride_sn, k_per_split,
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, N, K, row_words, stride_wn, stride_sn, k_per_split,
                      BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      EVEN_K: tl.constexpr):
         """y[split, N] = dequant(w) @ x[K] over this split's share of K, for one row x (decode). BITS = 4:
@@ -155,7 +155,11 @@ if triton is not None:
         k_end = tl.minimum(k_start + k_per_split, tl.cdiv(K, BLOCK_K) * BLOCK_K)
         for k0 in range(k_start, k_end, BLOCK_K):
             t = k0 // PER_WORD + tl.arange(0, WORDS)
-            words = tl.load(w_ptr + rn[:, None] * stride_wn + t[None, :], mask=n_ok[:, None], other=0)  # [BN, WORDS]
+            if EVEN_K:  # (int4 rows are padded to whole groups, so they never end inside a block)
+                words = tl.load(w_ptr + rn[:, None] * stride_wn + t[None, :], mask=n_ok[:, None], other=0)
+            else:  # the last block runs past the row's end
+                words = tl.load(w_ptr + rn[:, None] * stride_wn + t[None, :],
+                                mask=n_ok[:, None] & (t < row_words)[None, :], other=0)  # [BN, WORDS]
             if BITS == 8:
                 words = words ^ -0x7F7F7F80  # 0x80808080 as int32: signed bytes b -> unsigned u = b + 128
             xf = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
@@ -229,10 +233,10 @@ def gemv(x: Tensor, words: Tensor, scales: Tensor, offsets: Optional[Tensor], bi
     blocks = triton.cdiv(k, config["BLOCK_K"])
     k_per_split = triton.cdiv(blocks, split) * config["BLOCK_K"]
     y = torch.empty(split, n, device=x.device, dtype=x.dtype if split == 1 else torch.float32)
+    scale_stride = scales.stride(0) if scales.dim() > 1 else 1  # int8: one scale per row
     _gemv_kernel[(triton.cdiv(n, config["BLOCK_N"]), split)](
-        x, words, scales, scales if offsets is None else offsets, y, n, k, words.stride(0), scales.stride(0) if
-        scales.dim() > 1 else 1, k_per_split, BITS=bits, GROUP=group_size, EVEN_K=k % config["BLOCK_K"] == 0,
-        **config)
+        x, words, scales, scales if offsets is None else offsets, y, n, k, words.shape[1], words.stride(0),
+        scale_stride, k_per_split, BITS=bits, GROUP=group_size, EVEN_K=k % config["BLOCK_K"] == 0, **config)
     return y if split == 1 else y.sum(0, keepdim=True).to(x.dtype)
 
 
