@@ -1,8 +1,8 @@
 """Train the small models the repo ships: a sentencepiece tokenizer and a Llama-architecture model (our
 model.py) on the Python standard library's source files.
 
-    python scripts/train_tiny.py --preset target --out models/stdlib-target
-    python scripts/train_tiny.py --preset draft --out models/stdlib-draft \\
+    python scripts/train_tiny.py --preset target --out models/stdlib-target --compile
+    python scripts/train_tiny.py --preset draft --out models/stdlib-draft --compile \\
         --tokenizer_path models/stdlib-target/tokenizer.model          # the draft shares the target's tokenizer
 
 Data: the .py files of the standard library of the Python that runs this (or of --source_dir), less tests,
@@ -46,7 +46,7 @@ SEQ_LEN = 256
 PRESETS = {
     "target": dict(model=ModelArgs(vocab_size=VOCAB_SIZE, dim=256, n_layers=6, n_heads=8, n_kv_heads=4,
                                    intermediate_size=688, head_dim=32, max_seq_len=SEQ_LEN, tie_word_embeddings=True),
-                   steps=700, batch_size=8, lr=2e-3),
+                   steps=2000, batch_size=8, lr=2e-3),
     # A third of the target's layers: speculative decoding wants a draft much cheaper per token.
     "draft": dict(model=ModelArgs(vocab_size=VOCAB_SIZE, dim=192, n_layers=2, n_heads=6, n_kv_heads=3,
                                   intermediate_size=512, head_dim=32, max_seq_len=SEQ_LEN, tie_word_embeddings=True),
