@@ -209,4 +209,7 @@ def test_generate_with_no_arguments_writes_code_from_the_shipped_model():
     assert r.stdout.startswith("def fib(n):")
     new = r.stdout[len("def fib(n):"):]
     assert len(new.strip()) > 20
-    assert "\n" in new and any(w in new for w in ("return", "if ", "self", "(", " = ")), new
+    # Python's shape: the body of the def indented, and Python's words or punctuation in it (an untrained
+    # model's byte soup has neither)
+    assert re.search(r"\n {4}\S", new), new
+    assert any(w in new for w in ('"""', "return", "self", "import", "(", " = ", "if ", "for ")), new
