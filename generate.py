@@ -20,6 +20,8 @@ from quantize import swap_linears
 from tokenizer import TokenizerError, load_tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# The small model trained on the Python standard library that the repo ships (scripts/train_tiny.py).
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "stdlib-target" / "model.pth"
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -280,28 +282,39 @@ def find_tokenizer(checkpoint_path: Path) -> Path:
     raise TokenizerError(f"no tokenizer.model beside {checkpoint_path}; pass --tokenizer_path")
 
 
+def checkpoint_tokenizer(checkpoint_path: Path, ckpt: dict, tokenizer_path: Optional[Path] = None):
+    """The checkpoint's tokenizer (beside it, or tokenizer_path), with the bos/eos/special-token facts that
+    conversion recorded in `ckpt` (its load_checkpoint dict); refused if it has more tokens than the model."""
+    facts = ckpt.get("tokenizer") or {}
+    tokenizer = load_tokenizer(tokenizer_path or find_tokenizer(Path(checkpoint_path)), facts.get("special_tokens"),
+                               facts.get("bos_id"), facts.get("eos_ids"), facts.get("pattern"))
+    if not facts.get("add_bos", True):
+        tokenizer.bos_id = None
+    vocab_size = ckpt["model_args"]["vocab_size"]
+    if tokenizer.vocab_size > vocab_size:
+        raise TokenizerError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                             f"{vocab_size}; is it the checkpoint's own tokenizer?")
+    return tokenizer
+
+
+def pick_device(device: Optional[str], precision: Optional[str]) -> tuple:
+    """(torch.device, dtype) from the CLI's --device and --precision, either of which may be None."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # bfloat16 halves the bytes each step reads on a GPU; CPUs without bf16 matrix units run it far slower.
+    return device, DTYPES[precision or ("bfloat16" if device.type == "cuda" else "float32")]
+
+
 def main(checkpoint_path: Path, prompt: str, max_new_tokens: int, num_samples: int, temperature: float,
          top_k: Optional[int], top_p: Optional[float], batch_size: int, interactive: bool, compile: bool,
          compile_prefill: bool, device: Optional[str], precision: Optional[str], profile: Optional[Path],
          tokenizer_path: Optional[Path], seed: int, draft_checkpoint_path: Optional[Path], speculate_k: int):
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # bfloat16 halves the bytes each step reads on a GPU; CPUs without bf16 matrix units run it far slower.
-    precision = precision or ("bfloat16" if device.type == "cuda" else "float32")
+    device, precision = pick_device(device, precision)
     torch.manual_seed(seed)
-    if not checkpoint_path.is_file():
-        raise CheckpointError(f"checkpoint {checkpoint_path} not found; convert one with "
-                              "scripts/convert_hf_checkpoint.py")
     ckpt = load_checkpoint(checkpoint_path)  # validates cheaply (mmap) before the tokenizer and the weights
     facts = ckpt.get("tokenizer") or {}
     tokenizer_path = tokenizer_path or find_tokenizer(checkpoint_path)
-    tokenizer = load_tokenizer(tokenizer_path, facts.get("special_tokens"), facts.get("bos_id"),
-                               facts.get("eos_ids"), facts.get("pattern"))
-    if not facts.get("add_bos", True):
-        tokenizer.bos_id = None
+    tokenizer = checkpoint_tokenizer(checkpoint_path, ckpt, tokenizer_path)
     args = ModelArgs.from_dict(ckpt["model_args"])
-    if tokenizer.vocab_size > args.vocab_size:
-        raise TokenizerError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                             f"{args.vocab_size}; is it the checkpoint's own tokenizer?")
     draft_ckpt = None
     if draft_checkpoint_path is not None:
         if batch_size > 1 or interactive:
@@ -325,7 +338,7 @@ def main(checkpoint_path: Path, prompt: str, max_new_tokens: int, num_samples: i
             cache_len += speculate_k
 
     t0 = time.perf_counter()
-    model = load_model(checkpoint_path, device, DTYPES[precision], checkpoint=ckpt)
+    model = load_model(checkpoint_path, device, precision, checkpoint=ckpt)
     del ckpt
     _sync(device)
     log(f"loaded {checkpoint_path} in {time.perf_counter() - t0:.1f} s")
@@ -343,7 +356,7 @@ def main(checkpoint_path: Path, prompt: str, max_new_tokens: int, num_samples: i
             return generate(model, prompt_ids, max_new_tokens, decode_fn=decode_fn, **sampling, **kw), None
     else:
         t0 = time.perf_counter()
-        draft = load_model(draft_checkpoint_path, device, DTYPES[precision], checkpoint=draft_ckpt)
+        draft = load_model(draft_checkpoint_path, device, precision, checkpoint=draft_ckpt)
         del draft_ckpt
         draft.setup_caches(batch_size, cache_len)
         _sync(device)
@@ -421,8 +434,9 @@ def log(msg: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Generate text with a Llama-family checkpoint.")
-    p.add_argument("--checkpoint_path", type=Path, required=True, help="model.pth from scripts/convert_hf_checkpoint.py")
-    p.add_argument("--prompt", default="Hello, my name is", help="text, or an integer N for a synthetic N-token prompt")
+    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
+                   help="model.pth from scripts/convert_hf_checkpoint.py (default: the shipped models/stdlib-target)")
+    p.add_argument("--prompt", default="def fib(n):", help="text, or an integer N for a synthetic N-token prompt")
     p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--num_samples", type=int, default=5)
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy (exact argmax)")

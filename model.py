@@ -148,7 +148,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Optional[Tensor]) -> Tensor:
         bsz, seqlen, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -157,7 +157,7 @@ class Attention(nn.Module):
         v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary_emb(q, rope), apply_rotary_emb(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
-        if self.kv_cache is not None:
+        if input_pos is not None and self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, max_seq, D]
         # enable_gqa: each group of n_heads // n_kv_heads query heads reads one KV head in place, rather
         # than copying the cache n_heads // n_kv_heads times per step.
@@ -186,7 +186,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Optional[Tensor]) -> Tensor:
         h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -231,22 +231,35 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, args.n_kv_heads, args.head_dim,
                                                dtype, device)
         self.register_buffer("rope", precompute_rope(max_seq_length, args, device), persistent=False)
-        # mask[i, j]: query at position i may attend to the key at position j.
-        pos = torch.arange(max_seq_length, device=device)
-        mask = pos[:, None] >= pos[None, :]
-        if args.sliding_window is not None:
-            mask &= pos[:, None] - pos[None, :] < args.sliding_window
-        self.register_buffer("causal_mask", mask, persistent=False)
+        self.register_buffer("causal_mask", causal_mask(max_seq_length, args.sliding_window, device),
+                             persistent=False)
 
-    def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
-        """idx: [B, S] token ids at positions input_pos: [S]; returns logits [B, S, vocab] in float32."""
-        assert self.max_seq_length > 0, "call setup_caches() before forward()"
-        mask = self.causal_mask[None, None, input_pos]  # [1, 1, S, max_seq]
-        rope = self.rope[input_pos]  # [S, D/2, 2]
+    def forward(self, idx: Tensor, input_pos: Optional[Tensor] = None) -> Tensor:
+        """idx: [B, S] token ids at positions input_pos: [S]; returns logits [B, S, vocab] in float32.
+
+        input_pos None: idx is a whole sequence from position 0, attended causally without the KV cache
+        (training and scoring; needs no setup_caches)."""
+        if input_pos is None:
+            seqlen = idx.size(1)
+            mask = causal_mask(seqlen, self.args.sliding_window, idx.device)[None, None]  # [1, 1, S, S]
+            rope = precompute_rope(seqlen, self.args, idx.device)
+        else:
+            assert self.max_seq_length > 0, "call setup_caches() before forward() with input_pos"
+            mask = self.causal_mask[None, None, input_pos]  # [1, 1, S, max_seq]
+            rope = self.rope[input_pos]  # [S, D/2, 2]
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             x = layer(x, rope, mask, input_pos)
         return self.output(self.norm(x)).float()
+
+
+def causal_mask(seq_len: int, sliding_window: Optional[int], device=None) -> Tensor:
+    """mask[i, j] [seq_len, seq_len]: the query at position i may attend to the key at position j."""
+    pos = torch.arange(seq_len, device=device)
+    mask = pos[:, None] >= pos[None, :]
+    if sliding_window is not None:
+        mask &= pos[:, None] - pos[None, :] < sliding_window
+    return mask
 
 
 def rope_inv_freq(args: ModelArgs) -> Tensor:

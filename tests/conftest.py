@@ -46,6 +46,16 @@ HF_CONFIGS = {
 SHARDED = {"llama3.1"}
 
 
+def assert_one_line_error(r, *words):
+    """r (a finished subprocess) failed with one line on stderr, "error: ...", naming each of words."""
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
 def make_hf_model(family: str, seed: int = 0):
     import transformers
 
@@ -107,25 +117,13 @@ def make_corpus(n_lines: int = 400, seed: int = 0) -> list:
 
 def train_sentencepiece(path, vocab_size: int = SP_VOCAB_SIZE, model_type: str = "bpe", corpus=None,
                         **options) -> Path:
-    """Train a Llama-2-style sentencepiece model (byte fallback, identity normalization, unk=0 bos=1 eos=2, no pad)
-    into `path` (a .model file) in a few milliseconds. Its vocab is exactly vocab_size (>= 320: 256 byte pieces,
-    3 meta pieces, the corpus' common characters and a few merges). Rare characters go by byte fallback.
-    `options` override the trainer's settings (e.g. bos_id=-1)."""
-    import sentencepiece as spm
+    """Train a Llama-2-style sentencepiece model (scripts/train_tiny.py's settings: byte fallback, identity
+    normalization, unk=0 bos=1 eos=2, no pad) on make_corpus() into `path` (a .model file) in a few milliseconds.
+    Its vocab is exactly vocab_size (>= 320: 256 byte pieces, 3 meta pieces, the corpus' common characters and a
+    few merges). Rare characters go by byte fallback. `options` override the trainer's settings (e.g. bos_id=-1)."""
+    from train_tiny import train_sentencepiece as train
 
-    path = Path(path)
-    settings = dict(model_type=model_type, vocab_size=vocab_size, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
-                    pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
-                    allow_whitespace_only_pieces=True, split_digits=True, character_coverage=0.99, num_threads=1,
-                    minloglevel=2)
-    settings.update(options)
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus or make_corpus()),
-                                   model_prefix=str(path.with_suffix("")), **settings)
-    model = path.with_suffix(".model")
-    if model != path:
-        model.replace(path)
-    path.with_suffix(".vocab").unlink(missing_ok=True)
-    return path
+    return train(corpus or make_corpus(), path, vocab_size, model_type=model_type, **options)
 
 
 def learn_bpe_ranks(corpus=None, n_merges: int = 100) -> dict:

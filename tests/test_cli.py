@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, assert_one_line_error
 
 GENERATE = [sys.executable, str(ROOT / "generate.py")]
 FAST = ["--device", "cpu", "--precision", "float32", "--num_samples", "2", "--max_new_tokens", "12"]
@@ -23,15 +23,6 @@ def cli_checkpoint(hf_checkpoint, sentencepiece_model_path, tmp_path_factory):
 
 def run(*args):
     return subprocess.run(GENERATE + list(args), capture_output=True, text=True, timeout=300)
-
-
-def assert_one_line_error(r, *words):
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def test_greedy_cli_is_deterministic_and_streams_prompt_and_text(cli_checkpoint):
