@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from model import CheckpointError, ModelArgs, Transformer, UserError, load_checkpoint
+from kernels import fuse_decode
 from quantize import swap_linears
 from tokenizer import TokenizerError, load_tokenizer
 
@@ -26,9 +27,11 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "stdlib-target
 
 # ----------------------------------------------------------------------------------------------- loading
 
-def load_model(checkpoint_path, device, precision=torch.bfloat16, checkpoint: Optional[dict] = None) -> Transformer:
+def load_model(checkpoint_path, device, precision=torch.bfloat16, checkpoint: Optional[dict] = None,
+               decode_kernels: bool = True) -> Transformer:
     """Build the model on the meta device and assign the memory-mapped weights, then move to device/dtype.
-    `checkpoint`: the already-opened load_checkpoint(checkpoint_path), to avoid opening it twice."""
+    `checkpoint`: the already-opened load_checkpoint(checkpoint_path), to avoid opening it twice.
+    decode_kernels: on CUDA, one-row matmuls run kernels.py's GEMV with the RMSNorms and SwiGLU fused in."""
     ckpt = checkpoint if checkpoint is not None else load_checkpoint(checkpoint_path)
     args = ModelArgs.from_dict(ckpt["model_args"])
     with torch.device("meta"):
@@ -40,7 +43,8 @@ def load_model(checkpoint_path, device, precision=torch.bfloat16, checkpoint: Op
     except RuntimeError as e:
         raise CheckpointError(f"{checkpoint_path}: weights do not match its config "
                               f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
-    return model.to(device=device, dtype=precision).eval()
+    model = model.to(device=device, dtype=precision).eval()
+    return fuse_decode(model) if decode_kernels else model
 
 
 def weight_bytes_per_token(model: Transformer) -> int:

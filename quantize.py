@@ -13,7 +13,7 @@ byte per weight instead of 2.
 int4: each row is cut into groups of `group_size` input columns (32, 64, 128 or 256); a group's weights map
 to 16 levels between its minimum and maximum, w ~= q * scale + offset with q in 0..15 (asymmetric: the
 offset is the group minimum; tests/test_quantize.py measures that this loses less than a symmetric grid).
-On CUDA the layer runs int4_matmul, a Triton kernel below; elsewhere it dequantizes in PyTorch, which is also
+On CUDA the layer runs int4_matmul, a Triton kernel in kernels.py; elsewhere it dequantizes in PyTorch, which is also
 the kernel's test oracle.
 
 Layouts (portable: plain tensors, the same checkpoint loads on any device; tensor parallelism shards them):
@@ -37,11 +37,7 @@ from torch import Tensor
 
 from model import CheckpointError, UserError, load_checkpoint, save_checkpoint
 
-try:  # Triton ships with CUDA builds of torch; without it the int4 layer uses its PyTorch path
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from kernels import int4_matmul, int8_gemv, triton
 
 SCHEMES = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -69,7 +65,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.is_cuda and triton is not None and x.numel() == x.shape[-1] and self.in_features % 4 == 0:
-            # decode: our GEMV reads the int8 bytes once; inductor's fused dequant-matmul is slower at one row
+            # decode: our GEMV (kernels.py) reads the int8 bytes once; inductor's fused dequant-matmul is slower
             y = int8_gemv(x.reshape(1, -1), self.weight, self.scales).view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales
@@ -128,145 +124,6 @@ class Int4Linear(nn.Module):
         else:
             y = F.linear(x, dequantize_int4(self.weight, self.scales, self.offsets, self.in_features, x.dtype))
         return y + self.bias if self.bias is not None else y
-
-
-if triton is not None:
-    @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, N, K, row_words, stride_wn, stride_sn, k_per_split,
-                     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN_K: tl.constexpr):
-        """y[split, N] = dequant(w) @ x[K] over this split's share of K, for one row x (decode). BITS = 4:
-        int4 with a scale and offset per GROUP columns (BLOCK_K <= GROUP, so a block lies in one group).
-        BITS = 8: signed int8 with one scale per row (GROUP spans the row; o_ptr unused).
-
-        Each int32 word of a row holds 32 / BITS values, column (32 / BITS) t + i at bits BITS * i. Moving a
-        value u to the top mantissa bits (22 down) and or-ing in the exponent of 1.0 gives f = 1 + u / 2^BITS
-        with two integer ops, no int-to-float conversion (a slow instruction). Then u * s + o =
-        f * (2^BITS s) + (o - 2^BITS s), so a group adds 2^BITS s * sum(x f) + (o - 2^BITS s) * sum(x):
-        one multiply-add per weight, the scales applied once per group. int8 stores b = u - 128."""
-        PER_WORD: tl.constexpr = 32 // BITS
-        WORDS: tl.constexpr = BLOCK_K // PER_WORD
-        MANTISSA: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
-        pid_n, split = tl.program_id(0), tl.program_id(1)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = rn < N
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        k_start = split * k_per_split
-        k_end = tl.minimum(k_start + k_per_split, tl.cdiv(K, BLOCK_K) * BLOCK_K)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            t = k0 // PER_WORD + tl.arange(0, WORDS)
-            if EVEN_K:  # (int4 rows are padded to whole groups, so they never end inside a block)
-                words = tl.load(w_ptr + rn[:, None] * stride_wn + t[None, :], mask=n_ok[:, None], other=0)
-            else:  # the last block runs past the row's end
-                words = tl.load(w_ptr + rn[:, None] * stride_wn + t[None, :],
-                                mask=n_ok[:, None] & (t < row_words)[None, :], other=0)  # [BN, WORDS]
-            if BITS == 8:
-                words = words ^ -0x7F7F7F80  # 0x80808080 as int32: signed bytes b -> unsigned u = b + 128
-            xf = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-            x_sum = tl.zeros((WORDS,), dtype=tl.float32)
-            for i in tl.static_range(PER_WORD):
-                col = PER_WORD * t + i  # the columns of value i of each word
-                if EVEN_K:
-                    x = tl.load(x_ptr + col).to(tl.float32)
-                else:
-                    x = tl.load(x_ptr + col, mask=col < K, other=0.0).to(tl.float32)
-                if BITS * i <= 23 - BITS:
-                    bits = words << (23 - BITS - BITS * i)
-                else:
-                    bits = words >> (BITS * i - 23 + BITS)
-                f = ((bits & MANTISSA) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + u / 2^BITS
-                xf += x[None, :] * f
-                x_sum += x
-            g = k0 // GROUP
-            s = tl.load(s_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-            if BITS == 8:
-                o = -128.0 * s
-            else:
-                o = tl.load(o_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-            s = s * (1 << BITS)
-            acc += tl.sum(xf, axis=1) * s + tl.sum(x_sum, axis=0) * (o - s)
-        tl.store(y_ptr + split * N + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
-
-    @triton.jit
-    def _int4_matmul_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                            GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """y[M, N] = x[M, K] @ dequant(w).T for several rows (speculative verify, prefill): dequantize a block
-        in registers and multiply on tensor cores, accumulating in float32. BLOCK_K <= GROUP."""
-        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        n_ok, m_ok = rn < N, rm < M
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, tl.cdiv(K, BLOCK_K) * BLOCK_K, BLOCK_K):
-            j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # packed byte index; holds columns 2j (low), 2j + 1 (high)
-            packed = tl.load(w_ptr + rn[:, None] * stride_wn + j[None, :], mask=n_ok[:, None], other=0)
-            x_even = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * j[None, :],
-                             mask=m_ok[:, None] & (2 * j < K)[None, :], other=0.0)
-            x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * j[None, :] + 1,
-                            mask=m_ok[:, None] & (2 * j + 1 < K)[None, :], other=0.0)
-            g = k0 // GROUP
-            s = tl.load(s_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            o = tl.load(o_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            w_lo = ((packed & 15).to(tl.float32) * s + o).to(x_ptr.dtype.element_ty)  # [BN, BK / 2]
-            w_hi = ((packed >> 4).to(tl.float32) * s + o).to(x_ptr.dtype.element_ty)
-            acc += tl.dot(x_even, tl.trans(w_lo), input_precision=DOT_PRECISION)
-            acc += tl.dot(x_odd, tl.trans(w_hi), input_precision=DOT_PRECISION)
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
-
-
-def int4_config(m: int, n: int, group_size: int) -> dict:
-    """Block sizes and warps for int4_matmul: decode (m = 1) takes the GEMV kernel, more rows the tensor-core
-    kernel. Tuned on H200 with scripts/bench.py --int4_sweep (BENCHMARKS.md)."""
-    if m == 1:
-        return dict(BLOCK_N=32, BLOCK_K=min(group_size, 128), SPLIT_K=8, num_warps=1)
-    return dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=64, BLOCK_K=min(group_size, 128), num_warps=4)
-
-
-def gemv(x: Tensor, words: Tensor, scales: Tensor, offsets: Optional[Tensor], bits: int, group_size: int,
-         config: dict) -> Tensor:
-    """x [1, K] @ dequant(words).T -> [1, N] with _gemv_kernel; words: the weight viewed as int32 [N, K*bits/32]."""
-    k, n = x.shape[1], words.shape[0]
-    config = dict(config)
-    split = config.pop("SPLIT_K", 1)  # programs sharing a row's K: more loads in flight when N is small
-    blocks = triton.cdiv(k, config["BLOCK_K"])
-    k_per_split = triton.cdiv(blocks, split) * config["BLOCK_K"]
-    y = torch.empty(split, n, device=x.device, dtype=x.dtype if split == 1 else torch.float32)
-    scale_stride = scales.stride(0) if scales.dim() > 1 else 1  # int8: one scale per row
-    _gemv_kernel[(triton.cdiv(n, config["BLOCK_N"]), split)](
-        x, words, scales, scales if offsets is None else offsets, y, n, k, words.shape[1], words.stride(0),
-        scale_stride, k_per_split, BITS=bits, GROUP=group_size, EVEN_K=k % config["BLOCK_K"] == 0, **config)
-    return y if split == 1 else y.sum(0, keepdim=True).to(x.dtype)
-
-
-def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, group_size: int,
-                config: Optional[dict] = None) -> Tensor:
-    """x [M, K] @ dequant(packed).T -> [M, N] with the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
-    config: block sizes and num_warps (default int4_config); BLOCK_K must divide group_size."""
-    x = x.contiguous()
-    m, k = x.shape
-    n = packed.shape[0]
-    config = config or int4_config(m, n, group_size)
-    if m == 1:
-        return gemv(x, packed.view(torch.int32), scales, offsets, 4, group_size, config)
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]))
-    # float32 inputs get exact float32 products, not TF32's 10-bit mantissas
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    _int4_matmul_kernel[grid](x, packed, scales, offsets, y, m, n, k, x.stride(0), packed.stride(0),
-                              scales.stride(0), y.stride(0), GROUP=group_size, DOT_PRECISION=precision, **config)
-    return y
-
-
-INT8_GEMV_CONFIG = dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=4, num_warps=4)  # H200 sweep, BENCHMARKS.md
-
-
-def int8_gemv(x: Tensor, weight: Tensor, scales: Tensor, config: Optional[dict] = None) -> Tensor:
-    """x [1, K] @ (weight * scales[:, None]).T -> [1, N] for int8 weight [N, K], K a multiple of 4."""
-    config = config or INT8_GEMV_CONFIG
-    group = triton.cdiv(x.shape[1], config["BLOCK_K"]) * config["BLOCK_K"]  # one scale for the whole row
-    return gemv(x.contiguous(), weight.view(torch.int32), scales, None, 8, group, config)
 
 
 # ---------------------------------------------------------------------------------------- model surgery

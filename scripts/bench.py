@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import itertools
 import json
 import platform
 import statistics
@@ -40,9 +41,9 @@ from generate import (DTYPES, compile_fns, generate, kv_cache_bytes, peak_memory
                       weight_bytes_per_token)
 from speculative import acceptance_stats, compile_speculative_fns, format_stats, speculative_generate  # noqa: E402
 from model import FeedForward, ModelArgs, Transformer  # noqa: E402
-from quantize import (INT4_GROUP_SIZES, INT8_GEMV_CONFIG, SCHEMES, int4_config, int4_matmul,  # noqa: E402
-                      int8_gemv, make_scheme,
-                      quantizable_linears, quantize_int4, quantize_int8, quantize_state_dict, swap_linears)
+from kernels import fuse_decode, gemv, gemv_config, int4_config, int4_matmul, int8_gemv  # noqa: E402
+from quantize import (INT4_GROUP_SIZES, SCHEMES, make_scheme, quantizable_linears,  # noqa: E402
+                      quantize_int4, quantize_int8, quantize_state_dict, swap_linears)
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -323,11 +324,39 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
                                              device, reps=10)
                     results[config_key(config)] = nbytes / t_ms / 1e6
                 best = sorted(results.items(), key=lambda kv: -kv[1])[:5]
-                default_key = config_key(INT8_GEMV_CONFIG)
+                default_key = config_key(gemv_config(8, n, k))
                 yield dict(kind="int4_sweep", format="int8", matmul=name, n=n, k=k, m=1, best=best,
                            default=default_key, default_gb_s=results.get(default_key), all=results)
                 log(f"int8 sweep {name}: best {best[:3]}, default {default_key} {results.get(default_key) or 0:.0f} GB/s")
                 del copies
+
+
+def float_gemv_sweep(device: torch.device, dtype: torch.dtype):
+    """GB/s of kernels.py's GEMV on float weights over block sizes and warps, per Llama-2-7B matmul, against
+    cuBLAS (F.linear); and the default config with the RMSNorm prologue, to see what folding the norm in costs."""
+    with torch.no_grad():
+        for name, n, k in DECODE_MATMULS:
+            w = torch.randn(n, k, device=device, dtype=dtype)
+            nbytes = w.numel() * w.element_size()
+            copies = [w] + [w.clone() for _ in range(weight_copies(nbytes, device) - 1)]
+            x, g = torch.randn(1, k, device=device, dtype=dtype), torch.rand(k, device=device, dtype=dtype)
+            results = {}
+            for config in [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=nw) for bn in (4, 8, 16)
+                           for bk in (512, 1024) for nw in (4, 8)]:
+                t_ms = graph_ms_per_call([lambda c=c: gemv(x, c, config=config) for c in copies * 4], device, reps=10)
+                results[config_key(config)] = nbytes / t_ms / 1e6
+            default = gemv_config(0, n, k)
+            t_norm = graph_ms_per_call([lambda c=c: gemv(x, c, prologue="rmsnorm", norm_weight=g, eps=1e-5)
+                                        for c in copies * 4], device, reps=10)
+            t_cublas = graph_ms_per_call([lambda c=c: F.linear(x, c) for c in copies * 4], device, reps=10)
+            best = sorted(results.items(), key=lambda kv: -kv[1])[:5]
+            r = dict(kind="gemv_sweep", matmul=name, n=n, k=k, best=best, default=config_key(default),
+                     default_gb_s=results.get(config_key(default)), rmsnorm_gb_s=nbytes / t_norm / 1e6,
+                     cublas_gb_s=nbytes / t_cublas / 1e6, all=results)
+            log(f"float gemv sweep {name}: best {best[:3]}, default {r['default']} {r['default_gb_s'] or 0:.0f} GB/s, "
+                f"with rmsnorm {r['rmsnorm_gb_s']:.0f}, cuBLAS {r['cublas_gb_s']:.0f}")
+            yield r
+            del copies, w
 
 
 def materialize(cls, args: ModelArgs, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -389,9 +418,12 @@ def apply_inductor_overrides(settings: list):
         setattr(target, leaf, {"True": True, "False": False}.get(value, value))
 
 
-def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_s, quantization: str) -> dict:
+def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_s, quantization: str,
+                decode_kernels: str) -> dict:
     args = ModelArgs(**MODELS[name])
     model = build_model(args, device, DTYPES[a.precision], quantization, a.groupsize)
+    if decode_kernels == "on":
+        fuse_decode(model)
     model.setup_caches(a.batch_size, a.prompt_len + a.max_new_tokens)
     kw = dict(temperature=0.0, stop_ids=())  # greedy; no stop tokens, so every run decodes max_new_tokens
     if a.compile:
@@ -420,8 +452,9 @@ def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_
     seen = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
     # peak memory: on CUDA since the last reset (per model); on CPU the process's max RSS so far
     return dict(kind="model", model=name, model_args=MODELS[name], precision=a.precision, quantization=quantization,
+                decode_kernels=decode_kernels,
                 group_size=a.groupsize if quantization == "int4" else None,
-                inductor_config=a.inductor_config, batch_size=a.batch_size,
+                inductor_config=a.inductor_config, sdpa=a.sdpa, batch_size=a.batch_size,
                 prompt_len=a.prompt_len, max_new_tokens=a.max_new_tokens, compile=a.compile, **med, compile_s=compile_s,
                 peak_memory_gb=peak_memory_gb(device), weights_gb=sum(seen.values()) / 1e9,
                 weight_read_gb=weight_read / 1e9, step_read_gb=step_bytes / 1e9,
@@ -434,6 +467,8 @@ def bench_speculative(name: str, a: argparse.Namespace, device: torch.device, qu
     args, dtype, k = ModelArgs(**MODELS[name]), DTYPES[a.precision], a.speculate_k
     target = build_model(args, device, dtype, quantization)
     draft = build_draft(a.draft, target, device, dtype, a.groupsize)
+    if a.decode_kernels[0] == "on":
+        fuse_decode(target), fuse_decode(draft)
     for model in (target, draft):
         model.setup_caches(1, a.prompt_len + a.max_new_tokens + k)
     kw = dict(temperature=0.0, stop_ids=())  # no stop tokens: every run decodes max_new_tokens
@@ -478,21 +513,29 @@ def bench_speculative(name: str, a: argparse.Namespace, device: torch.device, qu
                 runs=runs)
 
 
-def profile_decode(model, prompt, kw, device, steps: int = 21):
-    """Print where a decode step's device time goes: the kernels by total time, per step."""
+def profile_decode(model, prompt, kw, device, steps: int = 21, top: int = 24):
+    """Print where a decode step's device time goes: the kernels by total time, per step, and how much of
+    the step's wall time no kernel covers (launch gaps)."""
+    generate(model, prompt, steps, **kw)
+    t = {}
+    generate(model, prompt, steps, timings=t, **kw)
+    wall_us = t["decode_s"] / t["decode_steps"] * 1e6
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         generate(model, prompt, steps, **kw)
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(e.device_time_total for e in events)
     log(f"profile: {total / (steps - 1):.0f} us of kernels per step (prefill included), "
-        f"{sum(e.count for e in events) / (steps - 1):.0f} kernels per step")
-    for e in sorted(events, key=lambda e: -e.device_time_total)[:15]:
-        log(f"  {e.device_time_total / (steps - 1):8.1f} us/step {e.count / (steps - 1):6.1f}x  {e.key[:110]}")
+        f"{sum(e.count for e in events) / (steps - 1):.0f} kernels per step; "
+        f"decode step wall time {wall_us:.0f} us unprofiled")
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:top]:
+        log(f"  {e.device_time_total / (steps - 1):8.1f} us/step {e.count / (steps - 1):6.1f}x "
+            f"{e.device_time_total / max(e.count, 1):7.1f} us each  {e.key[:70]}")
 
 
 def label(record: dict) -> str:
     q = record.get("quantization", "none")
-    return record["model"] + ("" if q == "none" else f" {q}") + (f" g{record['group_size']}" if record.get("group_size") else "")
+    return (record["model"] + ("" if q == "none" else f" {q}") + (f" g{record['group_size']}" if record.get("group_size") else "")
+            + (" unfused" if record.get("decode_kernels") == "off" else ""))
 
 
 def free_memory(device: torch.device):
@@ -535,11 +578,21 @@ def main(a: argparse.Namespace):
             records.append(r)
             save(a.out, r, env)
         free_memory(device)
+    if a.gemv_sweep:
+        for r in float_gemv_sweep(device, DTYPES[a.precision]):
+            records.append(r)
+            save(a.out, r, env)
+        free_memory(device)
     if a.int4_sweep:
         for r in int4_sweep(device, DTYPES[a.precision], a.groupsize, a.quant_m):
             records.append(r)
             save(a.out, r, env)
         free_memory(device)
+    if a.sdpa != "default":  # which SDPA kernel attention compiles to (flash cannot take the cache mask)
+        torch.backends.cuda.enable_cudnn_sdp(a.sdpa == "cudnn")
+        torch.backends.cuda.enable_mem_efficient_sdp(a.sdpa == "efficient")
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_math_sdp(a.sdpa == "math")
     if a.max_autotune:  # let inductor time Triton templates against cuBLAS for every matmul shape
         import torch._inductor.config as inductor_config
         inductor_config.max_autotune_gemm = True
@@ -549,11 +602,11 @@ def main(a: argparse.Namespace):
         log(f"mlp: fused {records[-1]['fused_us']:.1f} us, separate {records[-1]['separate_us']:.1f} us")
         free_memory(device)
     for name in a.model:
-        for quantization in a.quantize or ["none"]:
+        for quantization, decode_kernels in itertools.product(a.quantize or ["none"], a.decode_kernels):
             kind = "speculative" if a.draft else "model"
             try:
                 records.append(bench_speculative(name, a, device, quantization) if a.draft else
-                               bench_model(name, a, device, bw and bw["read_gb_s"], quantization))
+                               bench_model(name, a, device, bw and bw["read_gb_s"], quantization, decode_kernels))
             except torch.cuda.OutOfMemoryError as e:
                 log(f"{name}: out of memory: {str(e).splitlines()[0]}")
                 records.append(dict(kind=kind, model=name, quantization=quantization, error="out of memory"))
@@ -636,8 +689,13 @@ def parse_args() -> argparse.Namespace:
                    help="bf16 vs int8 vs int4 (ours, and torch's _weight_int4pack_mm) matmuls at Llama-2-7B shapes")
     p.add_argument("--quant_m", type=int, action="append", default=None, metavar="M",
                    help="rows for --quant_microbench; repeat (default: 1 and 6, a k=5 speculative verify)")
+    p.add_argument("--gemv_sweep", action="store_true", help="sweep the float decode GEMV's block sizes")
     p.add_argument("--int4_sweep", action="store_true", help="sweep the int4 decode kernel's block sizes")
     p.add_argument("--profile", action="store_true", help="print the decode step's kernels by device time")
+    p.add_argument("--decode_kernels", action="append", choices=["on", "off"],
+                   help="kernels.py's fused GEMV for one-row matmuls (CUDA); repeat to compare (default: on)")
+    p.add_argument("--sdpa", choices=["default", "cudnn", "efficient", "math"], default="default",
+                   help="allow only this scaled_dot_product_attention backend (default: torch's choice)")
     p.add_argument("--max_autotune", action="store_true", help="inductor autotunes each matmul (max_autotune_gemm)")
     p.add_argument("--mlp_microbench", action="store_true", help="time a fused vs separate gate/up SwiGLU MLP")
     p.add_argument("--draft", choices=["self", *(f"self-{s}" for s in SCHEMES), *MODELS],
@@ -645,6 +703,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--speculate_k", type=int, default=5, help="with --draft: tokens drafted per target step")
     a = p.parse_args()
     a.quant_m = a.quant_m or [1, 6]
+    a.decode_kernels = a.decode_kernels or ["on"]
     if a.prompt_len < 1 or a.max_new_tokens < 2 or a.runs < 1 or a.batch_size < 1:
         p.error("need --prompt_len >= 1, --max_new_tokens >= 2, --runs >= 1 and --batch_size >= 1")
     if a.draft and (a.batch_size != 1 or a.speculate_k < 1):
@@ -672,8 +731,8 @@ if __name__ == "__main__":
         fail(f"--device {cli.device!r}: only cuda and cpu are supported")
     if dev.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda but torch.cuda.is_available() is False (no GPU, or a CPU-only torch)")
-    if dev.type == "cpu" and (cli.quant_microbench or cli.int4_sweep):
-        fail("--quant_microbench and --int4_sweep time the Triton int4 kernel and need --device cuda")
+    if dev.type == "cpu" and (cli.quant_microbench or cli.int4_sweep or cli.gemv_sweep):
+        fail("--quant_microbench, --int4_sweep and --gemv_sweep time Triton kernels and need --device cuda")
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         fail(f"--device {cli.device}: only {torch.cuda.device_count()} GPU(s) visible")
     main(cli)

@@ -49,7 +49,8 @@ def test_cuda_graph_decode_equals_eager(family, hf_checkpoint):
 @pytest.mark.parametrize("group_size", [32, 128, 256])
 @pytest.mark.parametrize("m", [1, 2, 6, 16, 17, 64])
 def test_int4_kernel_in_bfloat16_on_cuda_is_close_to_float32_reference(m, group_size):
-    from quantize import dequantize_int4, int4_matmul, quantize_int4
+    from kernels import int4_matmul
+    from quantize import dequantize_int4, quantize_int4
 
     g = torch.Generator().manual_seed(m)
     w, x = torch.randn(300, 1000, generator=g), torch.randn(m, 1000, generator=g)

@@ -10,8 +10,9 @@ import torch
 
 from conftest import ROOT
 from generate import load_model
-from quantize import (INT4_GROUP_SIZES, Int4Linear, Int8Linear, dequantize_int4, int4_matmul, int8_gemv,
-                      quantize_checkpoint, quantize_int4, quantize_int8)
+from kernels import int4_matmul, int8_gemv
+from quantize import (INT4_GROUP_SIZES, Int4Linear, Int8Linear, dequantize_int4, quantize_checkpoint, quantize_int4,
+                      quantize_int8)
 
 QUANTIZE = [sys.executable, str(ROOT / "quantize.py")]
 # the int4 kernel runs compiled on a GPU, and on the CPU through Triton's interpreter (conftest.py)
