@@ -44,8 +44,8 @@ if triton is not None:
         return x, squares
 
     @triton.jit
-    def _gemv_kernel(x_ptr, g_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ss_ptr, N, K, row_words, stride_wn, stride_sn,
-                     k_per_split, eps, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _gemv_kernel(x_ptr, g_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ss_ptr, N, K: tl.constexpr, row_words, stride_wn,
+                     stride_sn, k_per_split, eps, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PROLOGUE: tl.constexpr, SPLIT_K: tl.constexpr):
         """y[split, N] = W @ prologue(x) over this split's share of K, for one row x (decode).
         BITS = 0: float weights [N, K]. BITS = 4: int4 with a scale and offset per GROUP columns (BLOCK_K <=
@@ -60,8 +60,11 @@ if triton is not None:
         pid_n, split = tl.program_id(0), tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        k_start = split * k_per_split
-        k_end = tl.minimum(k_start + k_per_split, tl.cdiv(K, BLOCK_K) * BLOCK_K)
+        if SPLIT_K == 1:  # a loop of known length, which the compiler can unroll and pipeline
+            k_start, k_end = 0, (K + BLOCK_K - 1) // BLOCK_K * BLOCK_K
+        else:
+            k_start = split * k_per_split
+            k_end = tl.minimum(k_start + k_per_split, (K + BLOCK_K - 1) // BLOCK_K * BLOCK_K)
         if BITS == 0:
             # float weights: a [BLOCK_N, BLOCK_K] float32 tile of products, reduced once at the end
             acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import (DTYPES, compile_fns, generate, kv_cache_bytes, peak_memory_gb,  # noqa: E402
                       weight_bytes_per_token)
 from speculative import acceptance_stats, compile_speculative_fns, format_stats, speculative_generate  # noqa: E402
-from model import FeedForward, ModelArgs, Transformer  # noqa: E402
+from model import FeedForward, ModelArgs, Transformer, causal_mask  # noqa: E402
 from kernels import fuse_decode, gemv, gemv_config, int4_config, int4_matmul, int8_gemv  # noqa: E402
 from quantize import (INT4_GROUP_SIZES, SCHEMES, make_scheme, quantizable_linears,  # noqa: E402
                       quantize_int4, quantize_int8, quantize_state_dict, swap_linears)
@@ -341,8 +341,8 @@ def float_gemv_sweep(device: torch.device, dtype: torch.dtype):
             copies = [w] + [w.clone() for _ in range(weight_copies(nbytes, device) - 1)]
             x, g = torch.randn(1, k, device=device, dtype=dtype), torch.rand(k, device=device, dtype=dtype)
             results = {}
-            for config in [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=nw) for bn in (4, 8, 16)
-                           for bk in (512, 1024) for nw in (4, 8)]:
+            for config in [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=nw, num_stages=ns) for bn in (4, 8, 16)
+                           for bk in (512, 1024) for nw in (4, 8) for ns in (1, 2, 3)]:
                 t_ms = graph_ms_per_call([lambda c=c: gemv(x, c, config=config) for c in copies * 4], device, reps=10)
                 results[config_key(config)] = nbytes / t_ms / 1e6
             default = gemv_config(0, n, k)
@@ -357,6 +357,42 @@ def float_gemv_sweep(device: torch.device, dtype: torch.dtype):
                 f"with rmsnorm {r['rmsnorm_gb_s']:.0f}, cuBLAS {r['cublas_gb_s']:.0f}")
             yield r
             del copies, w
+
+
+def attention_microbench(device: torch.device, dtype: torch.dtype, seq: int = 216) -> dict:
+    """Microseconds of one decode-step attention at the Llama-2-7B shape (one query, 32 heads of 128, against a
+    static cache of `seq` positions under its mask), compiled, with each SDPA backend allowed alone."""
+    import torch._inductor.config as inductor_config
+
+    flags = {"cudnn": torch.backends.cuda.enable_cudnn_sdp, "efficient": torch.backends.cuda.enable_mem_efficient_sdp,
+             "math": torch.backends.cuda.enable_math_sdp, "flash": torch.backends.cuda.enable_flash_sdp}
+    before = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+              torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled())
+    cache_setting, inductor_config.fx_graph_cache = inductor_config.fx_graph_cache, False  # a graph per backend
+    q = torch.randn(1, 32, 1, 128, device=device, dtype=dtype)
+    caches = [(torch.randn(1, 32, seq, 128, device=device, dtype=dtype),
+               torch.randn(1, 32, seq, 128, device=device, dtype=dtype)) for _ in range(32)]
+    mask = causal_mask(seq, None, device)[None, None, [seq // 2]]  # [1, 1, 1, seq]: half the cache filled
+    result = {}
+    try:
+        for backend in ("cudnn", "efficient", "math"):
+            for name, enable in flags.items():
+                enable(name == backend)
+            torch._dynamo.reset()
+            attend = torch.compile(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
+                                   fullgraph=True)
+            try:
+                result[backend] = 1e3 * graph_ms_per_call([lambda kv=kv: attend(q, *kv, mask) for kv in caches],
+                                                          device)
+            except Exception as e:  # noqa: BLE001 -- a backend that cannot take this input (or this device)
+                log(f"attention {backend}: {str(e).splitlines()[0][:120]}")
+    finally:
+        for enable, on in zip(flags.values(), before):
+            enable(on)
+        inductor_config.fx_graph_cache = cache_setting
+        torch._dynamo.reset()
+    log("attention per decode layer (us): " + ", ".join(f"{k} {v:.1f}" for k, v in result.items()))
+    return dict(kind="attention_microbench", seq=seq, us=result)
 
 
 def materialize(cls, args: ModelArgs, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -578,6 +614,9 @@ def main(a: argparse.Namespace):
             records.append(r)
             save(a.out, r, env)
         free_memory(device)
+    if a.attention_microbench:
+        records.append(attention_microbench(device, DTYPES[a.precision]))
+        save(a.out, records[-1], env)
     if a.gemv_sweep:
         for r in float_gemv_sweep(device, DTYPES[a.precision]):
             records.append(r)
@@ -689,6 +728,7 @@ def parse_args() -> argparse.Namespace:
                    help="bf16 vs int8 vs int4 (ours, and torch's _weight_int4pack_mm) matmuls at Llama-2-7B shapes")
     p.add_argument("--quant_m", type=int, action="append", default=None, metavar="M",
                    help="rows for --quant_microbench; repeat (default: 1 and 6, a k=5 speculative verify)")
+    p.add_argument("--attention_microbench", action="store_true", help="decode attention per SDPA backend")
     p.add_argument("--gemv_sweep", action="store_true", help="sweep the float decode GEMV's block sizes")
     p.add_argument("--int4_sweep", action="store_true", help="sweep the int4 decode kernel's block sizes")
     p.add_argument("--profile", action="store_true", help="print the decode step's kernels by device time")
