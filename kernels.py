@@ -158,7 +158,9 @@ def gemv_config(bits: int, n: int, k: int, group_size: int = 128) -> dict:
         return dict(BLOCK_N=32, BLOCK_K=min(group_size, 128), SPLIT_K=8, num_warps=1)
     if bits == 8:
         return dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=4, num_warps=4)
-    return dict(BLOCK_N=4 if n >= 16384 else 8, BLOCK_K=1024, SPLIT_K=1, num_warps=4)
+    if k > 8192:  # (w2)
+        return dict(BLOCK_N=8, BLOCK_K=1024, SPLIT_K=1, num_warps=4)
+    return dict(BLOCK_N=4, BLOCK_K=1024, SPLIT_K=1, num_warps=8)
 
 
 def gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, offsets: Optional[Tensor] = None, *,
