@@ -7,7 +7,8 @@ layouts). It can also take over the op in front of the matmul, so that the step 
   and the row's scale factor is applied once at the end (it is one number per row).
 - swiglu: x holds [gate | up] (the fused w1/w3 output) and the kernel reads silu(gate) * up.
 fuse_decode(model) swaps those pairs (attention_norm + wqkv, ffn_norm + w13, w13's activation + w2,
-norm + output; wo alone) for DecodeLinear modules, in place, after loading. With more than one row (prefill,
+norm + output; wo alone) for DecodeLinear modules, in place, after loading (float and int8 weights; int4
+layers keep their own kernel calls). With more than one row (prefill,
 speculative verify) or off CUDA, a DecodeLinear runs its original modules, unchanged.
 _int4_matmul_kernel multiplies several rows by int4 weights on tensor cores.
 """
@@ -277,10 +278,11 @@ class DecodeFeedForward(nn.Module):
 
 def fuse_decode(model: nn.Module, use_kernel: Optional[bool] = None) -> nn.Module:
     """Route the model's one-row matmuls through _gemv_kernel with their RMSNorms and SwiGLU folded in, by
-    swapping modules in place (after the weights are loaded). Only plain float, int8 and int4 linears are
-    taken; others (e.g. tensor-parallel layers with their all-reduce) keep their own forward. use_kernel
+    swapping modules in place (after the weights are loaded). Only plain float and int8 linears are taken:
+    others (e.g. tensor-parallel layers with their all-reduce) keep their own forward, and so does int4, whose
+    GEMV is bound by instructions and measured slower with the prologues in it (BENCHMARKS.md). use_kernel
     defaults to: on CUDA with Triton; set it True on CPU only under TRITON_INTERPRET=1 (tests)."""
-    from quantize import Int4Linear, Int8Linear
+    from quantize import Int8Linear
 
     if use_kernel is None:
         use_kernel = triton is not None and model.output.weight.is_cuda
@@ -288,7 +290,7 @@ def fuse_decode(model: nn.Module, use_kernel: Optional[bool] = None) -> nn.Modul
         return model
 
     def plain(linear):
-        return type(linear) in (nn.Linear, Int8Linear, Int4Linear)
+        return type(linear) in (nn.Linear, Int8Linear)
 
     def fuse(parent, name, norm_owner=None, norm_name=None):
         """parent.name becomes a DecodeLinear taking over norm_owner.norm_name, which becomes an Identity."""

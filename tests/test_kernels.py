@@ -53,13 +53,13 @@ def test_gemv_with_a_fused_prologue_matches_pytorch(bits, prologue, n, k, split)
 
 
 @pytest.mark.parametrize("family,scheme", [("llama2", None), ("qwen2", None), ("llama3.2", None),
-                                           ("llama2", "int8"), ("mistral", "int4")])
+                                           ("mistral", "int8")])
 def test_fused_decode_model_gives_the_unfused_logits(family, scheme, hf_checkpoint, tmp_path):
     # One decode step through the kernels (norms and SwiGLU inside them) against the same weights unfused;
     # several rows (prefill) must take the unchanged modules. qwen2 has q/k/v biases, llama3.2 a tied head.
     _, path = hf_checkpoint(family)
     if scheme:
-        path = quantize_checkpoint(path, scheme, output=tmp_path / "q.pth", group_size=32)
+        path = quantize_checkpoint(path, scheme, output=tmp_path / "q.pth")
     plain, fused = (load_model(path, DEVICE, DTYPE) for _ in range(2))
     fuse_decode(fused, use_kernel=True)
     assert isinstance(fused.layers[0].attention.wqkv, DecodeLinear)
@@ -74,3 +74,14 @@ def test_fused_decode_model_gives_the_unfused_logits(family, scheme, hf_checkpoi
         assert torch.equal(logits[0], logits[1])  # prefill: untouched modules
         step = [m(prompt[:, -1:], torch.tensor([9], device=DEVICE)) for m in (plain, fused)]
     assert ((step[1] - step[0]).norm() / step[0].norm()).item() <= TOL
+
+
+def test_fuse_decode_leaves_int4_layers_and_their_norms_alone(hf_checkpoint, tmp_path):
+    from quantize import Int4Linear
+
+    _, path = hf_checkpoint("llama2")
+    model = fuse_decode(load_model(quantize_checkpoint(path, "int4", output=tmp_path / "q.pth", group_size=32),
+                                   DEVICE, DTYPE), use_kernel=True)
+    layer = model.layers[0]
+    assert isinstance(layer.attention.wqkv, Int4Linear) and isinstance(layer.attention_norm, RMSNorm)
+    assert not any(isinstance(m, DecodeLinear) for m in model.modules())  # (the output head is int4 too)
