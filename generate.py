@@ -18,6 +18,7 @@ from torch import Tensor
 from model import CheckpointError, ModelArgs, Transformer, UserError, load_checkpoint
 from quantize import swap_linears
 from tokenizer import TokenizerError, load_tokenizer
+from tp import apply_tp
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # The small model trained on the Python standard library that the repo ships (scripts/train_tiny.py).
@@ -26,15 +27,20 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "stdlib-target
 
 # ----------------------------------------------------------------------------------------------- loading
 
-def load_model(checkpoint_path, device, precision=torch.bfloat16, checkpoint: Optional[dict] = None) -> Transformer:
+def load_model(checkpoint_path, device, precision=torch.bfloat16, checkpoint: Optional[dict] = None,
+               rank: int = 0, world_size: int = 1, vocab_parallel_output: bool = True) -> Transformer:
     """Build the model on the meta device and assign the memory-mapped weights, then move to device/dtype.
-    `checkpoint`: the already-opened load_checkpoint(checkpoint_path), to avoid opening it twice."""
+    `checkpoint`: the already-opened load_checkpoint(checkpoint_path), to avoid opening it twice.
+    world_size > 1: only this rank's tensor-parallel shard is read and kept (tp.apply_tp; the process group must
+    be initialised, tp.init_distributed)."""
     ckpt = checkpoint if checkpoint is not None else load_checkpoint(checkpoint_path)
     args = ModelArgs.from_dict(ckpt["model_args"])
     with torch.device("meta"):
         model = Transformer(args)
     if ckpt.get("quantization"):  # the scheme comes from the checkpoint, never from its name
         swap_linears(model, ckpt["quantization"])
+    if world_size > 1:
+        apply_tp(model, rank, world_size, vocab_parallel_output)
     try:
         model.load_state_dict(ckpt["state_dict"], assign=True)
     except RuntimeError as e:
