@@ -18,8 +18,8 @@ from torch import Tensor
 from model import CheckpointError, ModelArgs, Transformer, UserError, load_checkpoint
 from quantize import swap_linears
 from tokenizer import TokenizerError, load_tokenizer
-from tp import (apply_tp, check_tp, env_world, init_distributed, rank0_output, shutdown_distributed,
-                tp_problem)
+from tp import (apply_tp, check_tp, env_world, init_distributed, rank0_output, shard_or_whole,
+                shutdown_distributed)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # The small model trained on the Python standard library that the repo ships (scripts/train_tiny.py).
@@ -372,10 +372,10 @@ def main(checkpoint_path: Path, prompt: str, max_new_tokens: int, num_samples: i
     else:
         t0 = time.perf_counter()
         # sharded like the target where its heads allow, else a whole copy on every rank
-        draft_world = 1 if tp_problem(ModelArgs.from_dict(draft_ckpt["model_args"]), world_size,
-                                      draft_ckpt.get("quantization")) else world_size
-        draft = load_model(draft_checkpoint_path, device, precision, checkpoint=draft_ckpt,
-                           rank=rank if draft_world > 1 else 0, world_size=draft_world)
+        draft_rank, draft_world = shard_or_whole(ModelArgs.from_dict(draft_ckpt["model_args"]), rank, world_size,
+                                                 draft_ckpt.get("quantization"))
+        draft = load_model(draft_checkpoint_path, device, precision, checkpoint=draft_ckpt, rank=draft_rank,
+                           world_size=draft_world)
         del draft_ckpt
         draft.setup_caches(batch_size, cache_len)
         _sync(device)

@@ -91,7 +91,8 @@ def tp_problem(args: ModelArgs, world_size: int, quantization: Optional[dict] = 
                 f"{args.n_kv_heads} KV heads; use a world size that divides both")
     group = int4_group_size(quantization) or 1
     if -(-args.intermediate_size // group) < world_size:
-        return f"world size {world_size} exceeds the {args.intermediate_size} intermediate columns (in groups of {group})"
+        return (f"world size {world_size} exceeds the {args.intermediate_size} intermediate columns "
+                f"(in groups of {group})")
     wo_columns = args.n_heads // world_size * args.head_dim
     if wo_columns % group:
         return (f"int4 group size {group} does not divide each rank's {wo_columns} attention output columns at "
@@ -104,6 +105,12 @@ def check_tp(args: ModelArgs, world_size: int, quantization: Optional[dict] = No
     problem = tp_problem(args, world_size, quantization)
     if problem:
         raise ConfigError(problem)
+
+
+def shard_or_whole(args: ModelArgs, rank: int, world_size: int, quantization: Optional[dict] = None) -> tuple:
+    """(rank, world_size) to load a model with when it splits over world_size ranks, else (0, 1): a whole copy on
+    every rank (a speculative draft whose heads do not divide by the world size)."""
+    return (rank, world_size) if tp_problem(args, world_size, quantization) is None else (0, 1)
 
 
 def split_points(total: int, world_size: int, align: int = 1) -> list:
@@ -162,7 +169,8 @@ def row_parallel(layer: nn.Module, start: int, end: int, group) -> nn.Module:
         g = layer.group_size
         assert start % g == 0, (start, g)
         g_start, g_end = start // g, -(-end // g)
-        columns = {"weight": (g_start * g // 2, g_end * g // 2), "scales": (g_start, g_end), "offsets": (g_start, g_end)}
+        columns = {"weight": (g_start * g // 2, g_end * g // 2),  # two columns a byte
+                   "scales": (g_start, g_end), "offsets": (g_start, g_end)}
     else:
         columns = {"weight": (start, end)}  # int8 "scales" ([out]) are not cut
 
