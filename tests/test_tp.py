@@ -219,6 +219,26 @@ def test_torchrun_with_a_world_size_that_does_not_divide_the_heads_is_refused_by
     assert 'generate.py", line' not in r.stderr and "ConfigError" not in r.stderr
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_compiled_nccl_generation_on_two_gpus_matches_one_gpu(cli_checkpoint, tmp_path, quantize):
+    # CUDA graphs capturing NCCL all-reduces and the all-gather; int8 and int4 through their Triton kernels
+    path = cli_checkpoint
+    if quantize:
+        path = quantize_checkpoint(cli_checkpoint, quantize, output=cli_checkpoint.parent / f"model_{quantize}.pth",
+                                   force=True, group_size=32)
+    common = ["--checkpoint_path", str(path), "--tokenizer_path", str(cli_checkpoint.parent / "tokenizer.model"),
+              "--device", "cuda", "--precision", "float32", "--temperature", "0", "--num_samples", "1",
+              "--max_new_tokens", "40", "--prompt", "def model(", "--compile"]
+    one = subprocess.run([sys.executable, str(ROOT / "generate.py"), *common], capture_output=True, text=True,
+                         timeout=600)
+    assert one.returncode == 0, one.stderr
+    tp = subprocess.run(TORCHRUN + ["--nproc_per_node=2", str(ROOT / "generate.py"), *common], capture_output=True,
+                        text=True, timeout=600)
+    assert tp.returncode == 0, tp.stderr
+    assert tp.stdout == one.stdout
+
+
 def test_bench_under_torchrun_builds_int4_shards_per_rank_and_rank_0_alone_records(tmp_path):
     out = tmp_path / "tp.jsonl"
     r = subprocess.run(TORCHRUN + ["--nproc_per_node=2", str(ROOT / "scripts" / "bench.py"), "--model", "tiny",
