@@ -19,6 +19,8 @@ from model import CheckpointError, ModelArgs, Transformer, UserError, load_check
 from kernels import fuse_decode
 from quantize import swap_linears
 from tokenizer import TokenizerError, load_tokenizer
+from tp import (apply_tp, check_tp, env_world, init_distributed, rank0_output, shard_or_whole,
+                shutdown_distributed)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # The small model trained on the Python standard library that the repo ships (scripts/train_tiny.py).
@@ -28,9 +30,12 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "stdlib-target
 # ----------------------------------------------------------------------------------------------- loading
 
 def load_model(checkpoint_path, device, precision=torch.bfloat16, checkpoint: Optional[dict] = None,
+               rank: int = 0, world_size: int = 1, vocab_parallel_output: bool = True,
                decode_kernels: bool = True) -> Transformer:
     """Build the model on the meta device and assign the memory-mapped weights, then move to device/dtype.
     `checkpoint`: the already-opened load_checkpoint(checkpoint_path), to avoid opening it twice.
+    world_size > 1: only this rank's tensor-parallel shard is read and kept (tp.apply_tp; the process group must
+    be initialised, tp.init_distributed).
     decode_kernels: on CUDA, one-row matmuls run kernels.py's GEMV with the RMSNorms and SwiGLU fused in."""
     ckpt = checkpoint if checkpoint is not None else load_checkpoint(checkpoint_path)
     args = ModelArgs.from_dict(ckpt["model_args"])
@@ -38,6 +43,8 @@ def load_model(checkpoint_path, device, precision=torch.bfloat16, checkpoint: Op
         model = Transformer(args)
     if ckpt.get("quantization"):  # the scheme comes from the checkpoint, never from its name
         swap_linears(model, ckpt["quantization"])
+    if world_size > 1:
+        apply_tp(model, rank, world_size, vocab_parallel_output)
     try:
         model.load_state_dict(ckpt["state_dict"], assign=True)
     except RuntimeError as e:
@@ -256,8 +263,9 @@ def encode_chat(tokenizer, chat_format: Optional[str], turns: list) -> list:
 class TextPrinter:
     """Streams row 0's text as tokens arrive, holding back an incomplete UTF-8 sequence."""
 
-    def __init__(self, tokenizer, stop_ids, out=sys.stdout):
-        self.tokenizer, self.stop_ids, self.out = tokenizer, set(stop_ids), out
+    def __init__(self, tokenizer, stop_ids, out=None):
+        # sys.stdout looked up now, not at import: under torchrun, ranks other than 0 replace it
+        self.tokenizer, self.stop_ids, self.out = tokenizer, set(stop_ids), out or sys.stdout
         self.ids, self.printed, self.stopped = [], 0, False
 
     def __call__(self, step_tokens):
@@ -313,12 +321,16 @@ def main(checkpoint_path: Path, prompt: str, max_new_tokens: int, num_samples: i
          compile_prefill: bool, device: Optional[str], precision: Optional[str], profile: Optional[Path],
          tokenizer_path: Optional[Path], seed: int, draft_checkpoint_path: Optional[Path], speculate_k: int):
     device, precision = pick_device(device, precision)
-    torch.manual_seed(seed)
+    _, world_size, _ = env_world()  # launched by torchrun: tensor parallel over world_size processes
+    if world_size > 1 and interactive:
+        raise UserError("--interactive does not run under torchrun (one terminal, several processes)")
+    torch.manual_seed(seed)  # the same seed on every rank: all ranks draw the same tokens
     ckpt = load_checkpoint(checkpoint_path)  # validates cheaply (mmap) before the tokenizer and the weights
     facts = ckpt.get("tokenizer") or {}
     tokenizer_path = tokenizer_path or find_tokenizer(checkpoint_path)
     tokenizer = checkpoint_tokenizer(checkpoint_path, ckpt, tokenizer_path)
     args = ModelArgs.from_dict(ckpt["model_args"])
+    check_tp(args, world_size, ckpt.get("quantization"))  # before any weight is read or any process is joined
     draft_ckpt = None
     if draft_checkpoint_path is not None:
         if batch_size > 1 or interactive:
@@ -341,11 +353,14 @@ def main(checkpoint_path: Path, prompt: str, max_new_tokens: int, num_samples: i
         if draft_ckpt is not None:  # room for the drafts scored past the last token (never emitted)
             cache_len += speculate_k
 
+    rank, world_size, device = init_distributed(device)
     t0 = time.perf_counter()
-    model = load_model(checkpoint_path, device, precision, checkpoint=ckpt)
+    model = load_model(checkpoint_path, device, precision, checkpoint=ckpt, rank=rank, world_size=world_size)
     del ckpt
     _sync(device)
-    log(f"loaded {checkpoint_path} in {time.perf_counter() - t0:.1f} s")
+    log(f"loaded {checkpoint_path} in {time.perf_counter() - t0:.1f} s"
+        + (f", tensor parallel over {world_size} ranks (this is rank 0 of them; the others print nothing)"
+           if world_size > 1 else ""))
     model.setup_caches(batch_size, cache_len)
     prefill_fn, decode_fn = compile_fns(device, compile_prefill) if compile else (prefill, decode_one_token)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=tokenizer.stop_ids,
@@ -360,11 +375,16 @@ def main(checkpoint_path: Path, prompt: str, max_new_tokens: int, num_samples: i
             return generate(model, prompt_ids, max_new_tokens, decode_fn=decode_fn, **sampling, **kw), None
     else:
         t0 = time.perf_counter()
-        draft = load_model(draft_checkpoint_path, device, precision, checkpoint=draft_ckpt)
+        # sharded like the target where its heads allow, else a whole copy on every rank
+        draft_rank, draft_world = shard_or_whole(ModelArgs.from_dict(draft_ckpt["model_args"]), rank, world_size,
+                                                 draft_ckpt.get("quantization"))
+        draft = load_model(draft_checkpoint_path, device, precision, checkpoint=draft_ckpt, rank=draft_rank,
+                           world_size=draft_world)
         del draft_ckpt
         draft.setup_caches(batch_size, cache_len)
         _sync(device)
-        log(f"loaded draft {draft_checkpoint_path} in {time.perf_counter() - t0:.1f} s")
+        log(f"loaded draft {draft_checkpoint_path} in {time.perf_counter() - t0:.1f} s"
+            + ("" if world_size == 1 else ", sharded" if draft_world > 1 else ", replicated on every rank"))
         draft_fn, verify_fn = (speculative.compile_speculative_fns(device) if compile
                                else (speculative.draft_one_token, speculative.verify))
 
@@ -375,8 +395,9 @@ def main(checkpoint_path: Path, prompt: str, max_new_tokens: int, num_samples: i
         t0 = time.perf_counter()
         run()
         log(f"compiled in {time.perf_counter() - t0:.1f} s")
-    weight_bytes = weight_bytes_per_token(model)
+    weight_bytes = weight_bytes_per_token(model)  # under tensor parallelism: this rank's shard
     step_bytes = weight_bytes + kv_cache_bytes(model, batch_size)
+    gb_s = "GB/s" if world_size == 1 else "GB/s per rank"
     results, all_stats = [], []
     for i in range(num_samples):
         timings = {}
@@ -398,7 +419,7 @@ def main(checkpoint_path: Path, prompt: str, max_new_tokens: int, num_samples: i
         line = (f"sample {i + 1}: {n_tokens} tokens, time to first token {r['ttft_s'] * 1e3:.1f} ms, "
                 f"{r['tok_s']:.2f} tok/s overall, {r['decode_tok_s']:.2f} tok/s decode")
         if stats is None:
-            log(f"{line}, {r['gb_s']:.1f} GB/s")
+            log(f"{line}, {r['gb_s']:.1f} {gb_s}")
         else:  # a step reads the draft k times and the target once: no one number of bytes per token
             all_stats.append(stats)
             log(f"{line}; {speculative.format_stats(stats)}")
@@ -406,8 +427,9 @@ def main(checkpoint_path: Path, prompt: str, max_new_tokens: int, num_samples: i
     summary = (f"median of {num_samples}: time to first token {med['ttft_s'] * 1e3:.1f} ms, decode "
                f"{med['decode_tok_s']:.2f} tok/s")
     if not all_stats:
-        log(f"{summary}, {med['gb_s']:.1f} GB/s (weights {weight_bytes / 1e9:.2f} GB), "
-            f"peak memory {peak_memory_gb(device):.2f} GB")
+        per_rank = " per rank" if world_size > 1 else ""
+        log(f"{summary}, {med['gb_s']:.1f} {gb_s} (weights {weight_bytes / 1e9:.2f} GB{per_rank}), "
+            f"peak memory {peak_memory_gb(device):.2f} GB{' on rank 0' if world_size > 1 else ''}")
     else:
         total = speculative.acceptance_stats([sum(c) for c in zip(*(s["accepted_counts"] for s in all_stats))])
         log(f"{summary}, peak memory {peak_memory_gb(device):.2f} GB; all samples: {speculative.format_stats(total)}")
@@ -474,12 +496,16 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace):
 
 
 if __name__ == "__main__":
-    parser = build_parser()
-    cli_args = parser.parse_args()
-    check_args(parser, cli_args)
+    env_rank = env_world()[0]  # under torchrun only rank 0 prints, errors included
     try:
-        main(**vars(cli_args))
+        with rank0_output(env_rank):
+            parser = build_parser()
+            cli_args = parser.parse_args()
+            check_args(parser, cli_args)
+            main(**vars(cli_args))
     except (UserError, TokenizerError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if env_rank == 0 else 1)
     except KeyboardInterrupt:
         sys.exit(130)
+    finally:
+        shutdown_distributed()

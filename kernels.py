@@ -279,7 +279,7 @@ class DecodeFeedForward(nn.Module):
 def fuse_decode(model: nn.Module, use_kernel: Optional[bool] = None) -> nn.Module:
     """Route the model's one-row matmuls through _gemv_kernel with their RMSNorms and SwiGLU folded in, by
     swapping modules in place (after the weights are loaded). Only plain float and int8 linears are taken:
-    others (e.g. tensor-parallel layers with their all-reduce) keep their own forward, and so does int4, whose
+    others (e.g. tensor-parallel row shards, whose all-reduce is a forward hook) keep their own forward, and so does int4, whose
     GEMV is bound by instructions and measured slower with the prologues in it (BENCHMARKS.md). use_kernel
     defaults to: on CUDA with Triton; set it True on CPU only under TRITON_INTERPRET=1 (tests)."""
     from quantize import Int8Linear
@@ -289,8 +289,9 @@ def fuse_decode(model: nn.Module, use_kernel: Optional[bool] = None) -> nn.Modul
     if not use_kernel:
         return model
 
-    def plain(linear):
-        return type(linear) in (nn.Linear, Int8Linear)
+    def plain(linear):  # (a tensor-parallel row shard all-reduces in a forward hook: not plain)
+        hooked = linear._forward_hooks or linear._forward_pre_hooks
+        return type(linear) in (nn.Linear, Int8Linear) and not hooked
 
     def fuse(parent, name, norm_owner=None, norm_name=None):
         """parent.name becomes a DecodeLinear taking over norm_owner.norm_name, which becomes an Identity."""

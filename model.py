@@ -227,9 +227,10 @@ class Transformer(nn.Module):
         # The embedding table stays in the activation dtype whatever else is swapped in.
         dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, args.n_kv_heads, args.head_dim,
-                                               dtype, device)
+        for layer in self.layers:  # each attention's own head count: tensor parallelism gives it a share
+            attention = layer.attention
+            attention.kv_cache = KVCache(max_batch_size, max_seq_length, attention.n_kv_heads, args.head_dim,
+                                         dtype, device)
         self.register_buffer("rope", precompute_rope(max_seq_length, args, device), persistent=False)
         self.register_buffer("causal_mask", causal_mask(max_seq_length, args.sliding_window, device),
                              persistent=False)

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -42,14 +43,17 @@ from generate import (DTYPES, compile_fns, generate, kv_cache_bytes, peak_memory
 from speculative import acceptance_stats, compile_speculative_fns, format_stats, speculative_generate  # noqa: E402
 from model import FeedForward, ModelArgs, Transformer, causal_mask  # noqa: E402
 from kernels import fuse_decode, gemv, gemv_config, int4_config, int4_matmul, int8_gemv  # noqa: E402
-from quantize import (INT4_GROUP_SIZES, SCHEMES, make_scheme, quantizable_linears,  # noqa: E402
+from quantize import (INT4_GROUP_SIZES, SCHEMES, Int4Linear, Int8Linear, make_scheme, quantizable_linears,  # noqa: E402
                       quantize_int4, quantize_int8, quantize_state_dict, swap_linears)
+from tp import apply_tp, env_world, init_distributed, rank0_output, shutdown_distributed, tp_problem  # noqa: E402
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
 MODELS = {
     "llama-2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, intermediate_size=11008,
                        head_dim=128, max_seq_len=4096, norm_eps=1e-5),
+    "llama-2-70b": dict(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672,
+                        head_dim=128, max_seq_len=4096, norm_eps=1e-5),
     "llama-3-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
                        head_dim=128, max_seq_len=8192, norm_eps=1e-5, rope_theta=500000.0),
     "llama-3.2-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, intermediate_size=8192,
@@ -146,7 +150,9 @@ def mlp_microbench(device: torch.device, dtype: torch.dtype) -> dict:
     out = dict(kind="mlp_microbench", shape=f"M=1 dim={args.dim} intermediate={args.intermediate_size}",
                dtype=str(dtype).split(".")[-1])
     for name, cls in (("fused", FeedForward), ("separate", SeparateMLP)):
-        mlp = randomize(materialize(cls, args, device, dtype))  # parameters: static inputs to CUDA graphs
+        with torch.device("meta"):
+            mlp = cls(args)
+        mlp = randomize(materialize(mlp, device, dtype))  # parameters: static inputs to CUDA graphs
         compiled = torch.compile(mlp, mode="reduce-overhead" if cuda else None, fullgraph=True)
 
         def call():
@@ -396,10 +402,8 @@ def attention_microbench(device: torch.device, dtype: torch.dtype, seq: int = 21
     return dict(kind="attention_microbench", seq=seq, us=result)
 
 
-def materialize(cls, args: ModelArgs, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """cls(args) built on meta, cast there (free), then given uninitialised storage on the device."""
-    with torch.device("meta"):
-        module = cls(args)
+def materialize(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A module built on meta, cast there (free), then given uninitialised storage on the device."""
     return module.to(dtype=dtype).to_empty(device=device).eval()
 
 
@@ -412,12 +416,29 @@ def randomize(module: nn.Module) -> nn.Module:
 
 
 def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, quantization: str,
-                group_size: int = 128) -> Transformer:
-    model = materialize(Transformer, args, device, dtype)
+                group_size: int = 128, rank: int = 0, world_size: int = 1,
+                vocab_parallel_output: bool = True) -> Transformer:
+    """Random weights for this rank's tensor-parallel shard (the whole model when world_size is 1), made on the
+    device one tensor at a time: never the whole model, nor a float copy of a quantized one (70B bf16 does not fit
+    one GPU). A quantized layer gets a random float weight of its own shape, converted by quantize.py's function."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    if quantization != "none":
+        swap_linears(model, make_scheme(quantization, group_size))
+    apply_tp(model, rank, world_size, vocab_parallel_output)
+    model = materialize(model, device, dtype)
     if args.tie_word_embeddings:  # to_empty gives each module its own tensor; share one again
         model.output.weight = model.tok_embeddings.weight
-    randomize(model)
-    return quantize_in_memory(model, quantization, group_size)
+    randomize(model)  # the float parameters; quantized weights are buffers
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, (Int8Linear, Int4Linear)):
+                w = torch.empty(layer.out_features, layer.in_features, device=device, dtype=dtype).normal_(0.0, 0.02)
+                quantized = quantize_int8(w) if isinstance(layer, Int8Linear) else quantize_int4(w, layer.group_size)
+                for buffer, value in zip((layer.weight, layer.scales, getattr(layer, "offsets", None)), quantized):
+                    buffer.copy_(value)
+                del w, quantized
+    return model
 
 
 def quantize_in_memory(model: Transformer, mode: str, group_size: int = 128) -> Transformer:
@@ -458,7 +479,8 @@ def apply_inductor_overrides(settings: list):
 def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_s, quantization: str,
                 decode_kernels: str) -> dict:
     args = ModelArgs(**MODELS[name])
-    model = build_model(args, device, DTYPES[a.precision], quantization, a.groupsize)
+    model = build_model(args, device, DTYPES[a.precision], quantization, a.groupsize, a.rank, a.world_size,
+                        a.vocab_parallel_output)
     if decode_kernels == "on":
         fuse_decode(model)
     model.setup_caches(a.batch_size, a.prompt_len + a.max_new_tokens)
@@ -466,7 +488,9 @@ def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_
     if a.compile:
         kw["prefill_fn"], kw["decode_fn"] = compile_fns(device)
         apply_inductor_overrides(a.inductor_config)
-    prompt = torch.randint(0, args.vocab_size, (a.batch_size, a.prompt_len), device=device)
+    # from its own generator: every tensor-parallel rank must see the same prompt
+    prompt = torch.randint(0, args.vocab_size, (a.batch_size, a.prompt_len), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.to(device)
     t0 = time.perf_counter()
     generate(model, prompt, a.max_new_tokens, **kw)  # compiles and captures CUDA graphs when compiling
     compile_s = time.perf_counter() - t0
@@ -488,9 +512,11 @@ def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_
     # every stored tensor (int8 weights are buffers), shared ones once; caches are not in the state dict
     seen = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
     # peak memory: on CUDA since the last reset (per model); on CPU the process's max RSS so far
+    # under tensor parallelism: gb_s, weights_gb, weight_read_gb, step_read_gb and peak memory are rank 0's
     return dict(kind="model", model=name, model_args=MODELS[name], precision=a.precision, quantization=quantization,
                 decode_kernels=decode_kernels,
-                group_size=a.groupsize if quantization == "int4" else None,
+                group_size=a.groupsize if quantization == "int4" else None, world_size=a.world_size,
+                vocab_parallel_output=a.vocab_parallel_output if a.world_size > 1 else None,
                 inductor_config=a.inductor_config, sdpa=a.sdpa, batch_size=a.batch_size,
                 prompt_len=a.prompt_len, max_new_tokens=a.max_new_tokens, compile=a.compile, **med, compile_s=compile_s,
                 peak_memory_gb=peak_memory_gb(device), weights_gb=sum(seen.values()) / 1e9,
@@ -570,9 +596,9 @@ def profile_decode(model, prompt, kw, device, steps: int = 21, top: int = 24):
 
 
 def label(record: dict) -> str:
-    q = record.get("quantization", "none")
+    q, world = record.get("quantization", "none"), record.get("world_size", 1)
     return (record["model"] + ("" if q == "none" else f" {q}") + (f" g{record['group_size']}" if record.get("group_size") else "")
-            + (" unfused" if record.get("decode_kernels") == "off" else ""))
+            + (f" tp{world}" if world > 1 else "") + (" unfused" if record.get("decode_kernels") == "off" else ""))
 
 
 def free_memory(device: torch.device):
@@ -586,14 +612,18 @@ def free_memory(device: torch.device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def save(path: Path, record: dict, env: dict):
-    """Append one JSON line as soon as a measurement is done, so a later crash loses nothing."""
+def save(path: Optional[Path], record: dict, env: dict):
+    """Append one JSON line as soon as a measurement is done, so a later crash loses nothing (path None: tensor-
+    parallel ranks other than 0, which record nothing)."""
+    if path is None:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps({**record, **env}) + "\n")
 
 
 def main(a: argparse.Namespace):
+    """a.rank, a.world_size: this process under torchrun (0, 1 alone); a.device: its device."""
     device = torch.device(a.device)
     torch.manual_seed(1234)
     env, records = environment(device), []
@@ -742,6 +772,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--draft", choices=["self", *(f"self-{s}" for s in SCHEMES), *MODELS],
                    help="speculative decoding with this draft against target-only decoding (see above)")
     p.add_argument("--speculate_k", type=int, default=5, help="with --draft: tokens drafted per target step")
+    p.add_argument("--vocab_parallel_output", action=argparse.BooleanOptionalAction, default=True,
+                   help="under torchrun: split the output head's rows and all-gather the logits (else replicate it)")
     a = p.parse_args()
     a.quant_m = a.quant_m or [1, 6]
     a.decode_kernels = a.decode_kernels or ["on"]
@@ -758,7 +790,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def fail(msg: str):
-    print(f"error: {msg}", file=sys.stderr)
+    if env_world()[0] == 0:  # under torchrun, rank 0 speaks for all
+        print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -776,4 +809,21 @@ if __name__ == "__main__":
         fail("--quant_microbench, --int4_sweep and --gemv_sweep time Triton kernels and need --device cuda")
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         fail(f"--device {cli.device}: only {torch.cuda.device_count()} GPU(s) visible")
-    main(cli)
+    cli.rank, cli.world_size, _ = env_world()
+    if cli.world_size > 1 and (cli.draft or cli.matmul_microbench or cli.quant_microbench or cli.int4_sweep
+                               or cli.mlp_microbench):
+        fail("under torchrun only model decode speed is measured; run --draft and the microbenchmarks without it")
+    for model_name in cli.model:
+        for scheme in cli.quantize or ["none"]:
+            problem = tp_problem(ModelArgs(**MODELS[model_name]), cli.world_size,
+                                 None if scheme == "none" else make_scheme(scheme, cli.groupsize))
+            if problem:
+                fail(f"{model_name}: {problem}")
+    try:
+        with rank0_output(cli.rank):  # only rank 0 prints and records
+            cli.rank, cli.world_size, cli.device = init_distributed(dev)
+            if cli.rank:
+                cli.out = None
+            main(cli)
+    finally:
+        shutdown_distributed()

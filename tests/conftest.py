@@ -186,3 +186,15 @@ def tiktoken_special_tokens(tiktoken_file_path):
     """The special tokens to pass with tiktoken_file_path: tiktoken_specials(number of ranks in the file)."""
     n_ranks = sum(1 for line in tiktoken_file_path.read_bytes().splitlines() if line.strip())
     return tiktoken_specials(n_ranks)
+
+
+@pytest.fixture(scope="session")
+def cli_checkpoint(hf_checkpoint, sentencepiece_model_path, tmp_path_factory):
+    """A converted tiny Llama with its sentencepiece tokenizer beside it, as prepare.sh leaves them."""
+    import shutil
+
+    _, path = hf_checkpoint("llama2")
+    folder = tmp_path_factory.mktemp("cli")
+    shutil.copy(path, folder / "model.pth")
+    shutil.copy(sentencepiece_model_path, folder / "tokenizer.model")
+    return folder / "model.pth"

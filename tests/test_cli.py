@@ -3,22 +3,10 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
 from conftest import ROOT, assert_one_line_error
 
 GENERATE = [sys.executable, str(ROOT / "generate.py")]
 FAST = ["--device", "cpu", "--precision", "float32", "--num_samples", "2", "--max_new_tokens", "12"]
-
-
-@pytest.fixture(scope="module")
-def cli_checkpoint(hf_checkpoint, sentencepiece_model_path, tmp_path_factory):
-    """A converted tiny Llama with its sentencepiece tokenizer beside it, as prepare.sh leaves them."""
-    _, path = hf_checkpoint("llama2")
-    folder = tmp_path_factory.mktemp("cli")
-    shutil.copy(path, folder / "model.pth")
-    shutil.copy(sentencepiece_model_path, folder / "tokenizer.model")
-    return folder / "model.pth"
 
 
 def run(*args):
