@@ -12,6 +12,6 @@ export NCCL_NVLS_ENABLE=0  # never NVLink multicast (it can take a shared host's
 model=${1:-llama-2-7b}
 shift || true
 for n in ${WORLD_SIZES:-1 2 4}; do
-    python -m torch.distributed.run --standalone --nproc_per_node="$n" scripts/bench.py --model "$model" \
+    python3 -m torch.distributed.run --standalone --nproc_per_node="$n" scripts/bench.py --model "$model" \
         --runs 3 --max_new_tokens 200 --out bench_results/tp.jsonl "$@"
 done
