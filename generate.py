@@ -20,7 +20,7 @@ from kernels import fuse_decode
 from quantize import swap_linears
 from tokenizer import TokenizerError, load_tokenizer
 from tp import (apply_tp, check_tp, env_world, init_distributed, rank0_output, shard_or_whole,
-                shutdown_distributed)
+                shutdown_distributed, use_symmetric_memory)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # The small model trained on the Python standard library that the repo ships (scripts/train_tiny.py).
@@ -51,6 +51,8 @@ def load_model(checkpoint_path, device, precision=torch.bfloat16, checkpoint: Op
         raise CheckpointError(f"{checkpoint_path}: weights do not match its config "
                               f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
     model = model.to(device=device, dtype=precision).eval()
+    if world_size > 1:
+        use_symmetric_memory(model)  # one-shot decode all-reduces on CUDA (tp.all_reduce); NCCL/gloo otherwise
     return fuse_decode(model) if decode_kernels else model
 
 

@@ -180,8 +180,41 @@ def row_parallel(layer: nn.Module, start: int, end: int, group) -> nn.Module:
         a, b = columns[name]
         return t[:, a:b].contiguous()  # copies the shard's columns only
     _on_load(shard, cut)
-    shard.register_forward_hook(lambda _module, _inputs, out: funcol.all_reduce(out, "sum", group))
+    shard.symm = None  # (buffer, group name), set by use_symmetric_memory
+    shard.register_forward_hook(lambda module, _inputs, out: all_reduce(out, group, module.symm))
     return shard
+
+
+def all_reduce(x: torch.Tensor, group, symm: Optional[tuple] = None) -> torch.Tensor:
+    """Sum x over group. symm: (a symmetric-memory buffer, group's name). A message that fits the buffer (decode:
+    a few rows) takes a one-shot all-reduce: every rank copies x into its buffer and reads all peers' buffers over
+    NVLink in one kernel, with no ring steps; larger ones (prefill), and all without symm (CPU), go through NCCL or
+    gloo (functional collectives, so compile captures them)."""
+    if symm is not None and x.numel() <= symm[0].numel() and x.dtype == symm[0].dtype:
+        return torch.ops.symm_mem.one_shot_all_reduce_copy(symm[0], x.contiguous(), "sum", symm[1])
+    return funcol.all_reduce(x, "sum", group)
+
+
+def use_symmetric_memory(model: nn.Module, max_rows: int = 64, group=None) -> bool:
+    """Give model's row-parallel layers one shared symmetric-memory buffer of max_rows x dim elements (call on every
+    rank, in the same order, after loading on CUDA), so their decode all-reduces run one-shot (all_reduce). Returns
+    False, changing nothing, off CUDA, outside a process group, or where this torch lacks the op."""
+    layers = [m for m in model.modules() if hasattr(m, "symm")]
+    if not layers or not dist.is_initialized() or not torch.cuda.is_available():
+        return False
+    weight = layers[0].weight
+    if not weight.is_cuda or not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy"):
+        return False
+    import torch.distributed._symmetric_memory as symm_mem
+    group = group if group is not None else dist.group.WORLD
+    if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before rendezvous on older torch
+        symm_mem.enable_symm_mem_for_group(group.group_name)
+    dtype = layers[0].scales.dtype if hasattr(layers[0], "scales") else weight.dtype
+    buffer = symm_mem.empty(max_rows * layers[0].out_features, dtype=dtype, device=weight.device)
+    symm_mem.rendezvous(buffer, group.group_name)
+    for layer in layers:
+        layer.symm = (buffer, group.group_name)
+    return True
 
 
 def vocab_parallel(layer: nn.Module, rank: int, world_size: int, group) -> nn.Module:

@@ -45,7 +45,8 @@ from model import FeedForward, ModelArgs, Transformer, causal_mask  # noqa: E402
 from kernels import fuse_decode, gemv, gemv_config, int4_config, int4_matmul, int8_gemv  # noqa: E402
 from quantize import (INT4_GROUP_SIZES, SCHEMES, Int4Linear, Int8Linear, make_scheme, quantizable_linears,  # noqa: E402
                       quantize_int4, quantize_int8, quantize_state_dict, swap_linears)
-from tp import apply_tp, env_world, init_distributed, rank0_output, shutdown_distributed, tp_problem  # noqa: E402
+from tp import (apply_tp, env_world, init_distributed, rank0_output, shutdown_distributed, tp_problem,  # noqa: E402
+                use_symmetric_memory)
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -186,6 +187,33 @@ def graph_ms_per_call(fns: list, device: torch.device, reps: int = 20) -> float:
         for fn in fns:
             fn()
     return time_ms(graph.replay, device, reps=reps) / len(fns)
+
+
+def allreduce_microbench(device: torch.device, dtype: torch.dtype, sizes=(4096, 8192, 65536)) -> dict:
+    """Microseconds per all-reduce of one row of each size under torchrun, 64 back to back in a CUDA graph (as in a
+    decode step): NCCL (functional collective, as compile emits it) against the one-shot symmetric-memory op."""
+    import torch.distributed as dist
+    import torch.distributed._symmetric_memory as symm_mem
+    group = dist.group.WORLD
+    if hasattr(symm_mem, "enable_symm_mem_for_group"):
+        symm_mem.enable_symm_mem_for_group(group.group_name)
+    buffer = symm_mem.empty(max(sizes), dtype=dtype, device=device)
+    symm_mem.rendezvous(buffer, group.group_name)
+    out = dict(kind="allreduce_microbench", world_size=dist.get_world_size(), dtype=str(dtype))
+    for n in sizes:
+        x = torch.randn(1, n, dtype=dtype, device=device)
+        want = x.clone()
+        dist.all_reduce(want)
+        got = torch.ops.symm_mem.one_shot_all_reduce_copy(buffer, x, "sum", group.group_name)
+        out[f"max_diff_{n}"] = (got.float() - want.float()).abs().max().item()
+        nccl = [lambda: torch.ops._c10d_functional.wait_tensor(
+            torch.ops._c10d_functional.all_reduce(x, "sum", group.group_name))] * 64
+        one_shot = [lambda: torch.ops.symm_mem.one_shot_all_reduce_copy(buffer, x, "sum", group.group_name)] * 64
+        out[f"nccl_us_{n}"] = graph_ms_per_call(nccl, device) * 1e3
+        out[f"symm_us_{n}"] = graph_ms_per_call(one_shot, device) * 1e3
+        log(f"all-reduce [1, {n}] {dtype}: NCCL {out[f'nccl_us_{n}']:.1f} us, one-shot "
+            f"{out[f'symm_us_{n}']:.1f} us, max |diff| {out[f'max_diff_{n}']:.3g}")
+    return out
 
 
 def weight_copies(nbytes: int, device: torch.device) -> int:
@@ -417,7 +445,7 @@ def randomize(module: nn.Module) -> nn.Module:
 
 def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, quantization: str,
                 group_size: int = 128, rank: int = 0, world_size: int = 1,
-                vocab_parallel_output: bool = True) -> Transformer:
+                vocab_parallel_output: bool = True, symmetric_memory: bool = True) -> Transformer:
     """Random weights for this rank's tensor-parallel shard (the whole model when world_size is 1), made on the
     device one tensor at a time: never the whole model, nor a float copy of a quantized one (70B bf16 does not fit
     one GPU). A quantized layer gets a random float weight of its own shape, converted by quantize.py's function."""
@@ -438,6 +466,8 @@ def build_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, quant
                 for buffer, value in zip((layer.weight, layer.scales, getattr(layer, "offsets", None)), quantized):
                     buffer.copy_(value)
                 del w, quantized
+    if world_size > 1 and symmetric_memory:
+        use_symmetric_memory(model)
     return model
 
 
@@ -477,10 +507,11 @@ def apply_inductor_overrides(settings: list):
 
 
 def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_s, quantization: str,
-                decode_kernels: str) -> dict:
+                decode_kernels: str, allreduce: str = "symm") -> dict:
     args = ModelArgs(**MODELS[name])
     model = build_model(args, device, DTYPES[a.precision], quantization, a.groupsize, a.rank, a.world_size,
-                        a.vocab_parallel_output)
+                        a.vocab_parallel_output, symmetric_memory=allreduce == "symm")
+    symm = any(getattr(m, "symm", None) is not None for m in model.modules())
     if decode_kernels == "on":
         fuse_decode(model)
     model.setup_caches(a.batch_size, a.prompt_len + a.max_new_tokens)
@@ -514,7 +545,7 @@ def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_
     # peak memory: on CUDA since the last reset (per model); on CPU the process's max RSS so far
     # under tensor parallelism: gb_s, weights_gb, weight_read_gb, step_read_gb and peak memory are rank 0's
     return dict(kind="model", model=name, model_args=MODELS[name], precision=a.precision, quantization=quantization,
-                decode_kernels=decode_kernels,
+                decode_kernels=decode_kernels, allreduce=("symm" if symm else "nccl") if a.world_size > 1 else None,
                 group_size=a.groupsize if quantization == "int4" else None, world_size=a.world_size,
                 vocab_parallel_output=a.vocab_parallel_output if a.world_size > 1 else None,
                 inductor_config=a.inductor_config, sdpa=a.sdpa, batch_size=a.batch_size,
@@ -598,7 +629,8 @@ def profile_decode(model, prompt, kw, device, steps: int = 21, top: int = 24):
 def label(record: dict) -> str:
     q, world = record.get("quantization", "none"), record.get("world_size", 1)
     return (record["model"] + ("" if q == "none" else f" {q}") + (f" g{record['group_size']}" if record.get("group_size") else "")
-            + (f" tp{world}" if world > 1 else "") + (" unfused" if record.get("decode_kernels") == "off" else ""))
+            + (f" tp{world}" if world > 1 else "") + (" unfused" if record.get("decode_kernels") == "off" else "")
+            + (" nccl" if record.get("allreduce") == "nccl" else ""))
 
 
 def free_memory(device: torch.device):
@@ -658,6 +690,9 @@ def main(a: argparse.Namespace):
             records.append(r)
             save(a.out, r, env)
         free_memory(device)
+    if a.allreduce_microbench:
+        records.append(allreduce_microbench(device, DTYPES[a.precision]))
+        save(a.out, records[-1], env)
     if a.sdpa != "default":  # which SDPA kernel attention compiles to (flash cannot take the cache mask)
         torch.backends.cuda.enable_cudnn_sdp(a.sdpa == "cudnn")
         torch.backends.cuda.enable_mem_efficient_sdp(a.sdpa == "efficient")
@@ -672,11 +707,13 @@ def main(a: argparse.Namespace):
         log(f"mlp: fused {records[-1]['fused_us']:.1f} us, separate {records[-1]['separate_us']:.1f} us")
         free_memory(device)
     for name in a.model:
-        for quantization, decode_kernels in itertools.product(a.quantize or ["none"], a.decode_kernels):
+        for quantization, decode_kernels, allreduce in itertools.product(a.quantize or ["none"], a.decode_kernels,
+                                                                         a.allreduce[:1 if a.world_size == 1 else None]):
             kind = "speculative" if a.draft else "model"
             try:
                 records.append(bench_speculative(name, a, device, quantization) if a.draft else
-                               bench_model(name, a, device, bw and bw["read_gb_s"], quantization, decode_kernels))
+                               bench_model(name, a, device, bw and bw["read_gb_s"], quantization, decode_kernels,
+                                           allreduce))
             except torch.cuda.OutOfMemoryError as e:
                 log(f"{name}: out of memory: {str(e).splitlines()[0]}")
                 records.append(dict(kind=kind, model=name, quantization=quantization, error="out of memory"))
@@ -772,11 +809,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--draft", choices=["self", *(f"self-{s}" for s in SCHEMES), *MODELS],
                    help="speculative decoding with this draft against target-only decoding (see above)")
     p.add_argument("--speculate_k", type=int, default=5, help="with --draft: tokens drafted per target step")
+    p.add_argument("--allreduce", action="append", choices=["symm", "nccl"],
+                   help="under torchrun: decode all-reduces one-shot over symmetric memory where the GPUs allow "
+                        "(symm, the default, as generate.py does) or through NCCL; repeat to compare")
+    p.add_argument("--allreduce_microbench", action="store_true",
+                   help="under torchrun on CUDA: time one-row all-reduces, NCCL against one-shot symmetric memory")
     p.add_argument("--vocab_parallel_output", action=argparse.BooleanOptionalAction, default=True,
                    help="under torchrun: split the output head's rows and all-gather the logits (else replicate it)")
     a = p.parse_args()
     a.quant_m = a.quant_m or [1, 6]
     a.decode_kernels = a.decode_kernels or ["on"]
+    a.allreduce = a.allreduce or ["symm"]
     if a.prompt_len < 1 or a.max_new_tokens < 2 or a.runs < 1 or a.batch_size < 1:
         p.error("need --prompt_len >= 1, --max_new_tokens >= 2, --runs >= 1 and --batch_size >= 1")
     if a.draft and (a.batch_size != 1 or a.speculate_k < 1):
@@ -810,6 +853,8 @@ if __name__ == "__main__":
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         fail(f"--device {cli.device}: only {torch.cuda.device_count()} GPU(s) visible")
     cli.rank, cli.world_size, _ = env_world()
+    if cli.allreduce_microbench and (cli.world_size == 1 or dev.type != "cuda"):
+        fail("--allreduce_microbench times NCCL and symmetric memory: run it under torchrun on CUDA")
     if cli.world_size > 1 and (cli.draft or cli.matmul_microbench or cli.quant_microbench or cli.int4_sweep
                                or cli.mlp_microbench):
         fail("under torchrun only model decode speed is measured; run --draft and the microbenchmarks without it")
