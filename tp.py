@@ -191,7 +191,8 @@ def all_reduce(x: torch.Tensor, group, symm: Optional[tuple] = None) -> torch.Te
     NVLink in one kernel, with no ring steps; larger ones (prefill), and all without symm (CPU), go through NCCL or
     gloo (functional collectives, so compile captures them)."""
     if symm is not None and x.numel() <= symm[0].numel() and x.dtype == symm[0].dtype:
-        return torch.ops.symm_mem.one_shot_all_reduce_copy(symm[0], x.contiguous(), "sum", symm[1])
+        buffer = symm[0][: x.numel()].view(x.shape)  # the op wants a buffer of x's shape
+        return torch.ops.symm_mem.one_shot_all_reduce_copy(buffer, x.contiguous(), "sum", symm[1])
     return funcol.all_reduce(x, "sum", group)
 
 

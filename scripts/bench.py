@@ -204,11 +204,12 @@ def allreduce_microbench(device: torch.device, dtype: torch.dtype, sizes=(4096, 
         x = torch.randn(1, n, dtype=dtype, device=device)
         want = x.clone()
         dist.all_reduce(want)
-        got = torch.ops.symm_mem.one_shot_all_reduce_copy(buffer, x, "sum", group.group_name)
+        view = buffer[:n].view(1, n)
+        got = torch.ops.symm_mem.one_shot_all_reduce_copy(view, x, "sum", group.group_name)
         out[f"max_diff_{n}"] = (got.float() - want.float()).abs().max().item()
         nccl = [lambda: torch.ops._c10d_functional.wait_tensor(
             torch.ops._c10d_functional.all_reduce(x, "sum", group.group_name))] * 64
-        one_shot = [lambda: torch.ops.symm_mem.one_shot_all_reduce_copy(buffer, x, "sum", group.group_name)] * 64
+        one_shot = [lambda: torch.ops.symm_mem.one_shot_all_reduce_copy(view, x, "sum", group.group_name)] * 64
         out[f"nccl_us_{n}"] = graph_ms_per_call(nccl, device) * 1e3
         out[f"symm_us_{n}"] = graph_ms_per_call(one_shot, device) * 1e3
         log(f"all-reduce [1, {n}] {dtype}: NCCL {out[f'nccl_us_{n}']:.1f} us, one-shot "
