@@ -222,14 +222,18 @@ def vocab_parallel(layer: nn.Module, rank: int, world_size: int, group) -> nn.Mo
     """This rank's 1/world_size of the output head's rows; the logits are all-gathered along the vocabulary."""
     rows = layer.out_features // world_size
     shard = column_parallel(layer, [(rank * rows, (rank + 1) * rows)])
-    shard.register_forward_hook(lambda _module, _inputs, out: _all_gather(out, out.dim() - 1, group))
+    shard.register_forward_hook(lambda _module, _inputs, out: _all_gather_last_dim(out, world_size, group))
     return shard
 
 
-def _all_gather(x, dim: int, group):
+def _all_gather_last_dim(x, world_size: int, group):
+    """Concatenate every rank's x along the last dimension. Gathered along dim 0 (one contiguous block per rank),
+    then laid side by side: funcol's own gather along another dim calls a helper that dynamo will not trace on
+    torch 2.11."""
     # torch 2.13 renamed all_gather_tensor to all_gather_single (the old name warns); 2.11 may have only the old one
     gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
-    return gather(x, dim, group)
+    blocks = gather(x.contiguous(), 0, group).view(world_size, *x.shape)  # [world, *x.shape]
+    return torch.cat(blocks.unbind(0), dim=-1)
 
 
 def apply_tp(model: Transformer, rank: int, world_size: int, vocab_parallel_output: bool = True,
