@@ -256,7 +256,10 @@ class DecodeLinear(nn.Module):
                 prologue = dict(prologue="rmsnorm", norm_weight=self.norm.weight, eps=self.norm.eps)
             else:
                 prologue = dict(prologue="swiglu" if self.swiglu else None)
-            return linear_gemv(x.reshape(1, -1), self.linear, **prologue).view(*x.shape[:-1], -1)
+            y = linear_gemv(x.reshape(1, -1), self.linear, **prologue).view(*x.shape[:-1], -1)
+            for hook in self.linear._forward_hooks.values():  # tensor parallel: the all-reduce or the gather
+                y = hook(self.linear, (x,), y)
+            return y
         if self.norm is not None:
             x = self.norm(x)
         if self.swiglu:
@@ -278,9 +281,9 @@ class DecodeFeedForward(nn.Module):
 
 def fuse_decode(model: nn.Module, use_kernel: Optional[bool] = None) -> nn.Module:
     """Route the model's one-row matmuls through _gemv_kernel with their RMSNorms and SwiGLU folded in, by
-    swapping modules in place (after the weights are loaded). Only plain float and int8 linears are taken:
-    others (e.g. tensor-parallel row shards, whose all-reduce is a forward hook) keep their own forward, and so does int4, whose
-    GEMV is bound by instructions and measured slower with the prologues in it (BENCHMARKS.md). use_kernel
+    swapping modules in place (after the weights are loaded). Only float and int8 linears are taken (with their
+    forward hooks: tensor parallelism's all-reduce or gather); int4 keeps its own forward, since its GEMV is bound by
+    instructions and measured slower with the prologues in it (BENCHMARKS.md). use_kernel
     defaults to: on CUDA with Triton; set it True on CPU only under TRITON_INTERPRET=1 (tests)."""
     from quantize import Int8Linear
 
@@ -289,9 +292,8 @@ def fuse_decode(model: nn.Module, use_kernel: Optional[bool] = None) -> nn.Modul
     if not use_kernel:
         return model
 
-    def plain(linear):  # (a tensor-parallel row shard all-reduces in a forward hook: not plain)
-        hooked = linear._forward_hooks or linear._forward_pre_hooks
-        return type(linear) in (nn.Linear, Int8Linear) and not hooked
+    def plain(linear):  # forward hooks (tensor parallel's all-reduce or gather) are run by DecodeLinear too
+        return type(linear) in (nn.Linear, Int8Linear) and not linear._forward_pre_hooks
 
     def fuse(parent, name, norm_owner=None, norm_name=None):
         """parent.name becomes a DecodeLinear taking over norm_owner.norm_name, which becomes an Identity."""

@@ -184,9 +184,10 @@ def test_each_rank_holds_its_share_of_the_weights_and_kv_cache(launched, checkpo
     assert all(r["kv_heads"] * world == full["kv_heads"] for r in ranks)
 
 
-def test_decode_kernels_take_only_the_shards_without_an_all_reduce(launched):
-    # wqkv and w13 of each of llama2's 2 layers; wo, w2 and the vocab-parallel head all-reduce or gather in hooks
-    assert [got["llama2-int8-decode-kernels"]["decode_linears"] for got in launched[2]] == [4, 4]
+def test_decode_kernels_take_the_shards_and_keep_their_all_reduce(launched):
+    # wqkv, wo, w13 and w2 of each of llama2's 2 layers, and the vocab-parallel head; the logits equal one process's
+    # (test_logits_and_greedy_generation_equal_one_process), so the all-reduces and the gather still run
+    assert [got["llama2-int8-decode-kernels"]["decode_linears"] for got in launched[2]] == [9, 9]
 
 
 # ------------------------------------------------------------------------------------------ the CLI
