@@ -20,7 +20,7 @@ from kernels import DecodeLinear, fuse_decode
 from model import ConfigError, ModelArgs, Transformer
 from quantize import quantize_checkpoint
 from speculative import speculative_generate
-from tp import apply_tp, check_tp, split_points, tp_problem
+from tp import apply_tp, check_tp, split_points, tp_problem, use_symmetric_memory
 
 TARGET, DRAFT = ROOT / "models" / "stdlib-target" / "model.pth", ROOT / "models" / "stdlib-draft" / "model.pth"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -48,6 +48,17 @@ def test_world_sizes_that_do_not_divide_the_heads_are_refused_in_one_line():
     # int4: attention's output columns per rank (2 heads x 16) must be whole groups
     assert tp_problem(args, 2, {"scheme": "int4", "group_size": 32}) is None
     assert "group size 64" in tp_problem(args, 2, {"scheme": "int4", "group_size": 64})
+
+
+def test_symmetric_memory_all_reduce_is_left_off_outside_a_cuda_process_group():
+    args = ModelArgs(vocab_size=320, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, intermediate_size=96, head_dim=16,
+                     max_seq_len=128)
+    with torch.device("meta"):
+        model = apply_tp(Transformer(args), rank=0, world_size=2)
+    row_shards = [m for m in model.modules() if hasattr(m, "symm")]
+    assert len(row_shards) == 2  # wo and w2: their all-reduce can take the one-shot path on CUDA
+    assert not use_symmetric_memory(model)  # no process group, no GPU: NCCL/gloo's all-reduce, unchanged
+    assert all(m.symm is None for m in row_shards)
 
 
 def test_apply_tp_gives_each_rank_its_share_of_heads_matrices_and_kv_cache():
