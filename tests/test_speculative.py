@@ -5,9 +5,8 @@ import pytest
 import torch
 import torch._dynamo
 
-from generate import generate, load_model
+from generate import generate, load_model, prefill
 from model import ModelArgs, Transformer, UserError
-from generate import prefill
 from speculative import accept_drafts, compile_speculative_round, speculative_generate, speculative_round
 
 CACHE = 160
@@ -35,9 +34,9 @@ def prompt_of(length, seed=1):
     return torch.randint(3, 320, (length,), generator=torch.Generator().manual_seed(seed))
 
 
-# The int8 copy accepts most drafts (exercising full acceptance, the bonus token and the next round's draft step
-# that caches dk); another family accepts few (exercising rejections). Mistral as the target runs past its sliding window
-# (24), and 12 + 64 positions run past Llama 3.1's original context (32).
+# The int8 copy accepts most drafts (exercising full acceptance, the bonus token and the next round's first draft
+# step caching dk); another family accepts few (exercising rejections). Mistral as the target runs past its sliding
+# window (24), and 12 + 64 positions run past Llama 3.1's original context (32).
 @pytest.mark.parametrize("target, draft, k", [("llama3.1", "llama3.1-int8", 1), ("llama3.1", "llama3.1-int8", 3),
                                               ("llama3.1", "llama3.1-int8", 5), ("llama3.1", "mistral", 1),
                                               ("llama3.1", "mistral", 3), ("llama3.1", "mistral", 5),
@@ -74,7 +73,8 @@ def start_rounds(target, draft, prompt):
     with torch.no_grad():
         token = prefill(target, prompt[None], positions, temperature=0.0)
         draft(prompt[None], positions)
-    return prompt.tolist() + [token.item()], torch.cat([prompt[None, -1:], token], dim=1), torch.tensor([prompt.numel()])
+    last_two = torch.cat([prompt[None, -1:], token], dim=1)
+    return prompt.tolist() + [token.item()], last_two, torch.tensor([prompt.numel()])
 
 
 def run_round(target, draft, emitted, last_two, pos, k):
