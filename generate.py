@@ -387,12 +387,11 @@ def main(checkpoint_path: Path, prompt: str, max_new_tokens: int, num_samples: i
         _sync(device)
         log(f"loaded draft {draft_checkpoint_path} in {time.perf_counter() - t0:.1f} s"
             + ("" if world_size == 1 else ", sharded" if draft_world > 1 else ", replicated on every rank"))
-        draft_fn, verify_fn = (speculative.compile_speculative_fns(device) if compile
-                               else (speculative.draft_one_token, speculative.verify))
+        round_fn = speculative.compile_speculative_round(device) if compile else speculative.speculative_round
 
         def run(**kw):  # -> (rows, acceptance stats)
             return speculative.speculative_generate(model, draft, prompt_ids, max_new_tokens, speculate_k=speculate_k,
-                                                    draft_fn=draft_fn, verify_fn=verify_fn, **sampling, **kw)
+                                                    round_fn=round_fn, **sampling, **kw)
     if compile:  # the first call compiles (and captures CUDA graphs); keep it out of the numbers
         t0 = time.perf_counter()
         run()

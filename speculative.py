@@ -10,12 +10,18 @@ included. Batch size 1 only: rows accept different numbers of tokens, so their p
 Cache bookkeeping (both models have static KV caches indexed by position; a query at position i attends only to
 keys at positions <= i, see Transformer.setup_caches, so a cache entry beyond the current position is never
 read and a rejected token's entry is harmless until it is overwritten):
-- `token` is the last emitted token, at position `pos`; neither cache holds it yet.
-- The draft runs k one-token steps on token, d1 .. d(k-1) at pos .. pos+k-1 and proposes d1 .. dk.
+- `token` is the last emitted token, at position `pos`; neither cache holds it yet. `prev` is the token at pos-1:
+  the target's cache holds it; the draft's may not (below).
+- The draft's first step runs on [prev, token] at pos-1, pos; then k-1 one-token steps on d1 .. d(k-1) at
+  pos+1 .. pos+k-1. It proposes d1 .. dk.
 - The target runs once on [token, d1 .. dk] at pos .. pos+k (k+1 positions written).
-- With n drafts accepted, token, d1 .. dn are right in both caches; the next token (a correction, or a bonus
-  when n = k) goes to position pos+n+1. When n = k the draft has not yet run on dk: one more draft step caches
-  it at pos+k, so that the draft's cache is complete before the next round.
+- With n drafts accepted, token, d1 .. dn at pos .. pos+n are emitted. The target's cache holds them all, and so
+  does the draft's when n < k; when n = k the draft has not run on dk. The next token (a correction, or a bonus
+  when n = k) goes to position pos+n+1, and the next round's prev is dn (token when n = 0), at pos+n: its first
+  step caches dk when n = k, and otherwise rewrites an entry with the same input and position (the same values
+  up to rounding). In the first round prev is the prompt's last token, which the draft's prefill cached.
+So every round has the same shapes (draft [1, 2], k-1 times [1, 1], target [1, k+1]) and no branch on n: the
+whole round is one compiled graph (on GPU one CUDA graph), and the host reads its result once.
 """
 import time
 from pathlib import Path
@@ -30,11 +36,11 @@ from model import ModelArgs, Transformer, UserError, load_checkpoint
 from tokenizer import TokenizerError
 
 
-def draft_one_token(model: Transformer, token: Tensor, input_pos: Tensor, temperature: float = 0.0,
+def draft_one_token(model: Transformer, tokens: Tensor, input_pos: Tensor, temperature: float = 0.0,
                     top_k: Optional[int] = None, top_p: Optional[float] = None):
-    """One draft step: token [1, 1] at input_pos [1] -> (proposed token [1, 1], the distribution [1, V] it was
-    drawn from; None at temperature 0, where the proposal is the argmax)."""
-    logits = model(token, input_pos)[:, -1]
+    """One draft step: tokens [1, S] at input_pos [S] (all cached) -> (the token proposed after the last one [1, 1],
+    the distribution [1, V] it was drawn from; None at temperature 0, where the proposal is the argmax)."""
+    logits = model(tokens, input_pos)[:, -1]
     if temperature == 0:
         return sample(logits, 0.0), None
     probs = logits_to_probs(logits, temperature, top_k, top_p)
@@ -77,10 +83,33 @@ def verify(model: Transformer, tokens: Tensor, input_pos: Tensor, draft_probs: O
     return accept_drafts(logits_to_probs(logits, temperature, top_k, top_p), draft_probs, drafted)
 
 
-def compile_speculative_fns(device):
-    """torch.compile the draft step (shape [1, 1]) and the target's verify step ([1, k+1]) separately: one graph
-    each for every round, CUDA graphs on GPU. Returns (draft_fn, verify_fn)."""
-    return compile_step(draft_one_token, device), compile_step(verify, device)
+def speculative_round(target: Transformer, draft: Transformer, last_two: Tensor, pos: Tensor, k: int,
+                      temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None):
+    """One round on the device, with no branch on the outcome (module docstring): the draft proposes k tokens, the
+    target scores them in one forward, the acceptance rule keeps a prefix.
+
+    last_two [1, 2]: [prev, token], the tokens at positions pos - 1 and pos [1]; token is the last emitted one.
+    Returns (drafted [1, k], n [1]: drafts accepted, next_two [1, 2]: the next round's last_two, whose second
+    token is the one emitted after the n accepted drafts, at position pos + n + 1)."""
+    proposed, probs = draft_one_token(draft, last_two, pos + torch.arange(-1, 1, device=pos.device), temperature,
+                                      top_k, top_p)  # prev rewritten (or, after n = k, first cached) at pos - 1
+    drafted, draft_probs = [proposed], [probs]
+    for i in range(1, k):
+        proposed, probs = draft_one_token(draft, proposed, pos + i, temperature, top_k, top_p)
+        drafted.append(proposed)
+        draft_probs.append(probs)
+    tokens = torch.cat([last_two[:, 1:]] + drafted, dim=1)  # [1, k+1]: token, d1 .. dk
+    n, next_token = verify(target, tokens, pos + torch.arange(k + 1, device=pos.device),
+                           torch.stack(draft_probs, dim=1) if temperature > 0 else None,  # [1, k, V]
+                           temperature, top_k, top_p)
+    prev = tokens.gather(1, n[:, None])  # [1, 1]: dn, or token when n = 0, at position pos + n
+    return tokens[:, 1:], n, torch.cat([prev, next_token], dim=1)
+
+
+def compile_speculative_round(device):
+    """torch.compile speculative_round: one graph for every round (positions are tensors, k is fixed), on GPU one
+    CUDA graph replayed per round."""
+    return compile_step(speculative_round, device)
 
 
 def check_same_vocabulary(target: Transformer, draft: Transformer):
@@ -93,14 +122,14 @@ def check_same_vocabulary(target: Transformer, draft: Transformer):
 def speculative_generate(target: Transformer, draft: Transformer, prompt: Tensor, max_new_tokens: int, *,
                          speculate_k: int = 5, temperature: float = 0.0, top_k: Optional[int] = None,
                          top_p: Optional[float] = None, stop_ids=(), on_token: Optional[Callable] = None,
-                         prefill_fn=prefill, draft_fn=draft_one_token, verify_fn=verify,
-                         timings: Optional[dict] = None):
+                         prefill_fn=prefill, round_fn=speculative_round, timings: Optional[dict] = None):
     """Generate up to max_new_tokens after prompt [T] or [1, T] with the target's output distribution, drafting
     speculate_k tokens per target forward. Same contract as generate.generate (rows end at the first stop
     token; on_token([id]) per token); both models' caches must hold prompt + max_new_tokens + speculate_k
     positions. Returns (rows, stats): stats has `rounds` (target forwards after the prefill), `accepted_counts`
     (rounds that accepted 0 .. k drafts), `acceptance_by_position` (fraction of rounds whose i-th draft was
-    accepted) and `mean_accepted` (drafts accepted per round; each round also emits one target token)."""
+    accepted) and `mean_accepted` (drafts accepted per round; each round also emits one target token).
+    round_fn: speculative_round, or its compiled copy from compile_speculative_round."""
     check_same_vocabulary(target, draft)
     prompt = prompt.view(1, -1) if prompt.dim() == 1 else prompt
     batch, length = prompt.shape
@@ -124,27 +153,17 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Tensor
     draft(prompt, positions)  # fills the draft's cache; its prediction is not needed
     stream.push(token.cpu())
     t1 = time.perf_counter()
+    last_two = torch.cat([prompt[:, -1:], token], dim=1)  # [prev, token]: the prompt's last token, then token
     pos = torch.tensor([length], device=device)  # the position of `token`, in neither cache yet
-    offsets = torch.arange(k + 1, device=device)
     accepted_counts = [0] * (k + 1)
     while len(row) < max_new_tokens and not stream.done:
-        inputs, draft_probs = [token], []
-        for i in range(k):
-            proposed, probs = draft_fn(draft, inputs[-1], pos + i, **sampling)
-            inputs.append(proposed.clone())  # clone: a CUDA graph's outputs are overwritten by its next replay
-            if probs is not None:
-                draft_probs.append(probs.clone())
-        tokens = torch.cat(inputs, dim=1)  # [1, k+1]
-        n, token = verify_fn(target, tokens, pos + offsets,
-                             torch.stack(draft_probs, dim=1) if draft_probs else None, **sampling)
-        token = token.clone()
-        host = torch.cat([tokens[0, 1:], token[0], n]).tolist()  # the round's one host sync
-        n = host[-1]
+        drafted, n, last_two = round_fn(target, draft, last_two, pos, k, **sampling)
+        host = torch.cat([drafted[0], n, last_two[0, 1:]]).tolist()  # the round's one host sync
+        last_two = last_two.clone()  # a CUDA graph's outputs are overwritten by its next replay
+        n = host[k]
         accepted_counts[n] += 1
-        if n == k:  # the draft has not run on its last proposal yet: cache it at pos + k
-            draft_fn(draft, inputs[-1], pos + k, **sampling)
         pos = pos + (n + 1)
-        for t in host[:n] + [host[k]]:
+        for t in host[:n] + [host[k + 1]]:
             if len(row) == max_new_tokens or stream.done:
                 break
             stream.push(torch.tensor([t]))

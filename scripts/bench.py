@@ -40,7 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import (DTYPES, compile_fns, generate, kv_cache_bytes, peak_memory_gb,  # noqa: E402
                       weight_bytes_per_token)
-from speculative import acceptance_stats, compile_speculative_fns, format_stats, speculative_generate  # noqa: E402
+from speculative import acceptance_stats, compile_speculative_round, format_stats, speculative_generate  # noqa: E402
 from model import FeedForward, ModelArgs, Transformer, causal_mask  # noqa: E402
 from kernels import fuse_decode, gemv, gemv_config, int4_config, int4_matmul, int8_gemv  # noqa: E402
 from quantize import (INT4_GROUP_SIZES, SCHEMES, Int4Linear, Int8Linear, make_scheme, quantizable_linears,  # noqa: E402
@@ -571,7 +571,7 @@ def bench_speculative(name: str, a: argparse.Namespace, device: torch.device, qu
     if a.compile:
         kw["prefill_fn"], kw["decode_fn"] = compile_fns(device)
         spec_kw["prefill_fn"] = kw["prefill_fn"]
-        spec_kw["draft_fn"], spec_kw["verify_fn"] = compile_speculative_fns(device)
+        spec_kw["round_fn"] = compile_speculative_round(device)
         apply_inductor_overrides(a.inductor_config)
     prompt = torch.randint(0, args.vocab_size, (1, a.prompt_len), device=device)
     t0 = time.perf_counter()

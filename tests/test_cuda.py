@@ -77,10 +77,10 @@ def test_compiled_quantized_decode_with_our_kernels_equals_eager_on_cuda(mode, h
 
 
 def test_cuda_graph_speculative_decoding_equals_plain_greedy(hf_checkpoint, tmp_path):
-    # The draft step, the verify step and the target's own decode step are three CUDA graphs replayed in turn;
-    # every output is cloned before the next replay overwrites it (speculative_generate does this).
+    # The whole round (k draft steps, the verify step, the acceptance) is one CUDA graph, replayed every round; its
+    # outputs are read or cloned before the next replay overwrites them (speculative_generate does this).
     from quantize import quantize_checkpoint
-    from speculative import compile_speculative_fns, speculative_generate
+    from speculative import compile_speculative_round, speculative_generate
 
     _, path = hf_checkpoint("llama3.1")
     target = load_model(path, "cuda", torch.float32)
@@ -90,13 +90,12 @@ def test_cuda_graph_speculative_decoding_equals_plain_greedy(hf_checkpoint, tmp_
     prompt = torch.randint(3, 320, (10,), generator=torch.Generator().manual_seed(1)).cuda()
     expected = generate(target, prompt, 60, temperature=0.0)
     torch._dynamo.reset()
-    draft_fn, verify_fn = compile_speculative_fns("cuda")
-    for _ in range(2):  # the second call replays the captured graphs
-        rows, stats = speculative_generate(target, draft, prompt, 60, speculate_k=4, draft_fn=draft_fn,
-                                           verify_fn=verify_fn)
+    round_fn = compile_speculative_round("cuda")
+    for _ in range(2):  # the second call replays the captured graph
+        rows, stats = speculative_generate(target, draft, prompt, 60, speculate_k=4, round_fn=round_fn)
         assert rows == expected
-        assert stats["accepted_counts"][4] > 0  # full acceptances: the draft's catch-up step ran
+        assert stats["accepted_counts"][4] > 0  # full acceptances: the next round's first draft step caches dk
     torch.manual_seed(0)
     rows, stats = speculative_generate(target, draft, prompt, 60, speculate_k=4, temperature=0.8, top_k=100,
-                                       draft_fn=draft_fn, verify_fn=verify_fn)
+                                       round_fn=round_fn)
     assert len(rows[0]) == 60 and stats["mean_accepted"] > 2

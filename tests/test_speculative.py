@@ -1,13 +1,13 @@
 """Speculative decoding: greedy output equal to the target's, sampled output distributed as the target's, both
-caches consistent, the stop and length limits exact, a draft of another vocabulary or a batch refused, and the
-compiled draft and verify steps run without recompiling."""
+caches consistent after every round, the stop and length limits exact, a draft of another vocabulary or a batch
+refused, and the compiled round equal to the eager one, without recompiling."""
 import pytest
 import torch
 import torch._dynamo
 
-from generate import generate, load_model
+from generate import generate, load_model, prefill
 from model import ModelArgs, Transformer, UserError
-from speculative import accept_drafts, compile_speculative_fns, speculative_generate
+from speculative import accept_drafts, compile_speculative_round, speculative_generate, speculative_round
 
 CACHE = 160
 
@@ -34,9 +34,9 @@ def prompt_of(length, seed=1):
     return torch.randint(3, 320, (length,), generator=torch.Generator().manual_seed(seed))
 
 
-# The int8 copy accepts most drafts (exercising full acceptance, the bonus token and the draft's catch-up
-# step); another family accepts few (exercising rejections). Mistral as the target runs past its sliding window
-# (24), and 12 + 64 positions run past Llama 3.1's original context (32).
+# The int8 copy accepts most drafts (exercising full acceptance, the bonus token and the next round's first draft
+# step caching dk); another family accepts few (exercising rejections). Mistral as the target runs past its sliding
+# window (24), and 12 + 64 positions run past Llama 3.1's original context (32).
 @pytest.mark.parametrize("target, draft, k", [("llama3.1", "llama3.1-int8", 1), ("llama3.1", "llama3.1-int8", 3),
                                               ("llama3.1", "llama3.1-int8", 5), ("llama3.1", "mistral", 1),
                                               ("llama3.1", "mistral", 3), ("llama3.1", "mistral", 5),
@@ -53,22 +53,75 @@ def test_greedy_output_equals_the_targets_greedy_output(models, target, draft, k
         assert stats["accepted_counts"][0] > 0
 
 
-def test_both_caches_hold_exactly_the_emitted_sequence(models):
+def assert_cache_holds(model, seq):
+    """model's KV cache at positions 0 .. len(seq)-1 equals a fresh forward over seq [T]; the cache is left as it
+    was."""
+    saved = [(layer.attention.kv_cache.k_cache.clone(), layer.attention.kv_cache.v_cache.clone())
+             for layer in model.layers]
+    with torch.no_grad():
+        model(seq[None], torch.arange(seq.numel()))
+    for layer, (k, v) in zip(model.layers, saved):
+        cache = layer.attention.kv_cache
+        assert torch.allclose(cache.k_cache[0, :, :seq.numel()], k[0, :, :seq.numel()], atol=1e-5)
+        assert torch.allclose(cache.v_cache[0, :, :seq.numel()], v[0, :, :seq.numel()], atol=1e-5)
+        cache.k_cache.copy_(k), cache.v_cache.copy_(v)
+
+
+def start_rounds(target, draft, prompt):
+    """speculative_generate's prefill: -> (emitted sequence, prompt included, as a list; last_two; pos)."""
+    positions = torch.arange(prompt.numel())
+    with torch.no_grad():
+        token = prefill(target, prompt[None], positions, temperature=0.0)
+        draft(prompt[None], positions)
+    last_two = torch.cat([prompt[None, -1:], token], dim=1)
+    return prompt.tolist() + [token.item()], last_two, torch.tensor([prompt.numel()])
+
+
+def run_round(target, draft, emitted, last_two, pos, k):
+    """One greedy speculative_round; checks what it hands the next round -> (emitted, last_two, pos, n)."""
+    with torch.no_grad():
+        drafted, n, last_two = speculative_round(target, draft, last_two, pos, k)
+    n = n.item()
+    emitted = emitted + drafted[0, :n].tolist() + [last_two[0, 1].item()]
+    # The next round's [prev, token]: the last accepted draft (or the round's token when n = 0), then the new token.
+    assert last_two[0].tolist() == emitted[-2:] and pos.item() + n + 1 == len(emitted) - 1
+    return emitted, last_two, pos + n + 1, n
+
+
+def test_both_caches_hold_exactly_the_emitted_sequence_after_every_round(models):
     # A draft whose cache missed a token (say, its last accepted one) would only accept less: the output stays
-    # right. So check the caches themselves against a fresh forward over prompt + emitted tokens.
-    target, draft = models["llama3.1"], models["llama3.1-int8"]
+    # right. So check the caches themselves, after each round, against a fresh forward over the emitted sequence:
+    # the target holds all but the last token; the draft too, except after a round that accepted all k drafts,
+    # whose last draft dk it caches at the start of the next round (checked there).
+    target, draft, k = models["llama3.1"], models["llama3.1-int8"], 4
     prompt = prompt_of(9, seed=5)
-    rows, stats = speculative_generate(target, draft, prompt, 80, speculate_k=4)
-    assert stats["accepted_counts"][4] > 0 and sum(stats["accepted_counts"][:4]) > 0  # both paths taken
-    seq = torch.cat([prompt, torch.tensor(rows[0][:-1])])  # the last token is in neither cache yet
-    for model in (target, draft):
-        cached = [(layer.attention.kv_cache.k_cache[0, :, :seq.numel()].clone(),
-                   layer.attention.kv_cache.v_cache[0, :, :seq.numel()].clone()) for layer in model.layers]
-        with torch.no_grad():
-            model(seq[None], torch.arange(seq.numel()))
-        for layer, (k, v) in zip(model.layers, cached):
-            assert torch.allclose(layer.attention.kv_cache.k_cache[0, :, :seq.numel()], k, atol=1e-5)
-            assert torch.allclose(layer.attention.kv_cache.v_cache[0, :, :seq.numel()], v, atol=1e-5)
+    emitted, last_two, pos = start_rounds(target, draft, prompt)
+    counts = [0] * (k + 1)
+    while len(emitted) < 9 + 80:
+        emitted, last_two, pos, n = run_round(target, draft, emitted, last_two, pos, k)
+        counts[n] += 1
+        seq = torch.tensor(emitted)
+        assert_cache_holds(target, seq[:-1])
+        assert_cache_holds(draft, seq[:-2] if n == k else seq[:-1])
+    assert counts[k] > 0 and sum(counts[:k]) > 0  # both paths taken
+    assert emitted[9:9 + 80] == generate(target, prompt, 80, temperature=0.0)[0]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_round_that_accepts_every_draft_leaves_the_drafts_cache_complete_for_the_next(models, k):
+    # The draft identical to the target accepts every greedy draft, so each round ends with the draft not yet run
+    # on dk (at pos + k); the next round's first draft step, on [dk, token], must cache it: once it has run, the
+    # draft holds the whole sequence up to that round's token, as a fresh forward computes it.
+    target, draft = models["llama3.1"], models["llama3.1-copy"]
+    prompt = prompt_of(7, seed=11)
+    emitted, last_two, pos = start_rounds(target, draft, prompt)
+    for _ in range(3):
+        emitted, last_two, pos, n = run_round(target, draft, emitted, last_two, pos, k)
+        assert n == k
+    assert_cache_holds(draft, torch.tensor(emitted[:-1 - k]))  # the last round ran on the dk before it
+    with torch.no_grad():  # a next round's first draft step alone: [dk, token] at pos - 1, pos
+        draft(last_two, pos + torch.arange(-1, 1))
+    assert_cache_holds(draft, torch.tensor(emitted))
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -232,29 +285,27 @@ def test_batches_and_caches_too_small_are_refused(models):
 
 # ------------------------------------------------------------------------------------------ compiled
 
-def test_compiled_draft_and_verify_steps_equal_eager_and_never_recompile(models):
+def test_compiled_round_equals_eager_and_never_recompiles(models):
     target, draft = models["llama3.1"], models["llama3.1-int8"]
     prompts = [prompt_of(10, seed=9), prompt_of(6, seed=7)]
     eager = [speculative_generate(target, draft, p, 30, speculate_k=3) for p in prompts]
     counts = [a + b for a, b in zip(eager[0][1]["accepted_counts"], eager[1][1]["accepted_counts"])]
-    assert counts[3] > 0 and sum(counts[:3]) > 0  # full acceptances (the catch-up step) and rejections
+    assert counts[3] > 0 and sum(counts[:3]) > 0  # full acceptances and rejections
     old = torch._dynamo.config.error_on_recompile
-    # One graph for the draft step and one for the verify step, whatever the positions and acceptances; a
-    # second graph for either fails the test. Greedy and sampling are separate compilations (a CLI run has one
-    # temperature), hence the reset between them.
+    # One graph for the whole round, whatever the positions and acceptances; a second graph fails the test.
+    # Greedy and sampling are separate compilations (a CLI run has one temperature), hence the reset between them.
     torch._dynamo.config.error_on_recompile = True
     try:
         torch._dynamo.reset()
-        draft_fn, verify_fn = compile_speculative_fns("cpu")
-        compiled = [speculative_generate(target, draft, p, 30, speculate_k=3, draft_fn=draft_fn,
-                                         verify_fn=verify_fn) for p in prompts]
+        round_fn = compile_speculative_round("cpu")
+        compiled = [speculative_generate(target, draft, p, 30, speculate_k=3, round_fn=round_fn) for p in prompts]
         assert compiled == eager
         torch._dynamo.reset()
-        draft_fn, verify_fn = compile_speculative_fns("cpu")
+        round_fn = compile_speculative_round("cpu")
         for seed in (0, 1):
             torch.manual_seed(seed)
             rows, stats = speculative_generate(target, draft, prompts[seed], 24, speculate_k=3, temperature=0.9,
-                                               top_k=50, top_p=0.9, draft_fn=draft_fn, verify_fn=verify_fn)
+                                               top_k=50, top_p=0.9, round_fn=round_fn)
             assert len(rows[0]) == 24 and all(0 <= t < 320 for t in rows[0])
             assert stats["mean_accepted"] > 1.5  # the int8 copy agrees with the target on most draws
     finally:
