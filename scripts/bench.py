@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import (DTYPES, compile_fns, generate, kv_cache_bytes, peak_memory_gb,  # noqa: E402
@@ -495,6 +496,35 @@ def build_draft(draft: str, target: Transformer, device: torch.device, dtype: to
     return build_model(ModelArgs(**dict(MODELS[draft], vocab_size=target.args.vocab_size)), device, dtype, "none")
 
 
+@torch.no_grad()
+def make_predictable(model: Transformer, successor: Tensor, layer_scale: float = 0.01) -> Transformer:
+    """Weights under which the model's greedy next token is successor[token], for speculative benchmarks on random
+    weights (where a draft and a target otherwise never agree): embeddings of std 1 that the layers barely move
+    (their output projections scaled by layer_scale), and output rows that are the embeddings of the tokens they
+    follow. The layers still run in full on nonzero values; shapes and bytes read per step do not change. A tied
+    output is untied (same bytes read per step). Float weights only."""
+    model.tok_embeddings.weight.normal_(0.0, 1.0)
+    for layer in model.layers:
+        layer.attention.wo.weight.mul_(layer_scale)
+        layer.feed_forward.w2.weight.mul_(layer_scale)
+    if model.output.weight is model.tok_embeddings.weight:
+        model.output.weight = nn.Parameter(torch.empty_like(model.tok_embeddings.weight), requires_grad=False)
+    model.output.weight.index_copy_(0, successor, model.tok_embeddings.weight)  # row successor[t] = embedding of t
+    return model
+
+
+def disagreeing_successor(successor: Tensor, agreement: float, generator: torch.Generator) -> Tensor:
+    """A permutation equal to `successor` on a random fraction `agreement` of the tokens and different from it on
+    every other token (those are rotated among themselves), so a draft built on it is accepted with probability
+    about `agreement` per position."""
+    changed = torch.randperm(len(successor), generator=generator)[:round((1 - agreement) * len(successor))]
+    changed = changed.to(successor.device)
+    result = successor.clone()
+    if len(changed) > 1:
+        result[changed] = successor[changed.roll(1)]
+    return result
+
+
 def apply_inductor_overrides(settings: list):
     """--inductor_config KEY=VALUE experiments, on top of compile_fns' settings."""
     import torch._inductor.config as inductor_config
@@ -556,12 +586,21 @@ def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_
                 fraction_of_read_bw=med["gb_s"] / read_gb_s if read_gb_s else None, runs=runs)
 
 
-def bench_speculative(name: str, a: argparse.Namespace, device: torch.device, quantization: str) -> dict:
+def bench_speculative(name: str, a: argparse.Namespace, device: torch.device, quantization: str) -> list:
     """Greedy decode tok/s of the target alone and of speculative decoding with a.draft, in alternating runs from
-    one prompt; the draft alone too, so the cost of a draft step relative to a target step is on record."""
+    one prompt; the draft alone too, so the cost of a draft step relative to a target step is on record. With
+    a.agreement (a named-shape draft): one record per value, the models' weights made predictable
+    (make_predictable) with the draft agreeing with the target on that fraction of the vocabulary."""
     args, dtype, k = ModelArgs(**MODELS[name]), DTYPES[a.precision], a.speculate_k
     target = build_model(args, device, dtype, quantization)
     draft = build_draft(a.draft, target, device, dtype, a.groupsize)
+    draft_output = None
+    if a.agreement:
+        generator = torch.Generator().manual_seed(5)
+        successor = torch.randperm(args.vocab_size, generator=generator).to(device)
+        make_predictable(target, successor)
+        make_predictable(draft, successor)
+        draft_output = draft.output.weight  # rewritten in place per agreement: captured graphs keep its address
     if a.decode_kernels[0] == "on":
         fuse_decode(target), fuse_decode(draft)
     for model in (target, draft):
@@ -574,38 +613,47 @@ def bench_speculative(name: str, a: argparse.Namespace, device: torch.device, qu
         spec_kw["round_fn"] = compile_speculative_round(device)
         apply_inductor_overrides(a.inductor_config)
     prompt = torch.randint(0, args.vocab_size, (1, a.prompt_len), device=device)
-    t0 = time.perf_counter()
-    target_rows = generate(target, prompt, a.max_new_tokens, **kw)
-    generate(draft, prompt, a.max_new_tokens, **kw)  # a second graph of the same step, for the draft
-    spec_rows, _ = speculative_generate(target, draft, prompt, a.max_new_tokens, **spec_kw)
-    compile_s = time.perf_counter() - t0
-    log(f"{name} + draft {a.draft}: warm-up{' (compile)' if a.compile else ''} {compile_s:.1f} s")
-    # Greedy speculative output is the target's token for token in exact arithmetic; a k+1-token forward rounds
-    # differently from a 1-token one, so in bf16 a near-tie can flip: record where the outputs first differ.
-    first_difference = next((i for i, (x, y) in enumerate(zip(target_rows[0], spec_rows[0])) if x != y), None)
-    runs, counts = [], [0] * (k + 1)
-    for i in range(a.runs):
-        t_target, t_draft, t_spec = {}, {}, {}
-        generate(target, prompt, a.max_new_tokens, timings=t_target, **kw)
-        generate(draft, prompt, a.max_new_tokens, timings=t_draft, **kw)
-        _, stats = speculative_generate(target, draft, prompt, a.max_new_tokens, timings=t_spec, **spec_kw)
-        counts = [c + n for c, n in zip(counts, stats["accepted_counts"])]
-        r = {f"{who}_tok_s": t["decode_steps"] / t["decode_s"]
-             for who, t in (("target", t_target), ("draft", t_draft), ("speculative", t_spec))}
-        r["speedup"] = r["speculative_tok_s"] / r["target_tok_s"]
-        r["mean_accepted"] = stats["mean_accepted"]
-        runs.append(r)
-        log(f"{name} + draft {a.draft}: run {i + 1}: target {r['target_tok_s']:.1f} tok/s, speculative "
-            f"{r['speculative_tok_s']:.1f} tok/s ({r['speedup']:.2f}x), draft alone {r['draft_tok_s']:.1f} tok/s; "
-            f"{format_stats(stats)}")
-    med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-    total = acceptance_stats(counts)
-    return dict(kind="speculative", model=name, model_args=MODELS[name], precision=a.precision,
-                quantization=quantization, draft=a.draft, speculate_k=k, prompt_len=a.prompt_len,
-                max_new_tokens=a.max_new_tokens, compile=a.compile, inductor_config=a.inductor_config, **med,
-                acceptance_by_position=total["acceptance_by_position"], accepted_counts=counts,
-                first_difference=first_difference, compile_s=compile_s, peak_memory_gb=peak_memory_gb(device),
-                runs=runs)
+    records = []
+    for agreement in a.agreement or [None]:
+        if agreement is not None:
+            with torch.no_grad():
+                draft_output.index_copy_(0, disagreeing_successor(successor, agreement, generator),
+                                         draft.tok_embeddings.weight)
+        t0 = time.perf_counter()
+        target_rows = generate(target, prompt, a.max_new_tokens, **kw)
+        generate(draft, prompt, a.max_new_tokens, **kw)  # a second graph of the same step, for the draft
+        spec_rows, _ = speculative_generate(target, draft, prompt, a.max_new_tokens, **spec_kw)
+        warmup_s = time.perf_counter() - t0
+        tag = f"{name} + draft {a.draft}" + ("" if agreement is None else f" (agreement {agreement})")
+        log(f"{tag}: warm-up{' (compile)' if a.compile and not records else ''} {warmup_s:.1f} s")
+        # Greedy speculative output is the target's token for token in exact arithmetic; a k+1-token forward rounds
+        # differently from a 1-token one, so in bf16 a near-tie can flip: record where the outputs first differ.
+        first_difference = next((i for i, (x, y) in enumerate(zip(target_rows[0], spec_rows[0])) if x != y), None)
+        runs, counts = [], [0] * (k + 1)
+        for i in range(a.runs):
+            t_target, t_draft, t_spec = {}, {}, {}
+            generate(target, prompt, a.max_new_tokens, timings=t_target, **kw)
+            generate(draft, prompt, a.max_new_tokens, timings=t_draft, **kw)
+            _, stats = speculative_generate(target, draft, prompt, a.max_new_tokens, timings=t_spec, **spec_kw)
+            counts = [c + n for c, n in zip(counts, stats["accepted_counts"])]
+            r = {f"{who}_tok_s": t["decode_steps"] / t["decode_s"]
+                 for who, t in (("target", t_target), ("draft", t_draft), ("speculative", t_spec))}
+            r["speedup"] = r["speculative_tok_s"] / r["target_tok_s"]
+            r["mean_accepted"] = stats["mean_accepted"]
+            runs.append(r)
+            log(f"{tag}: run {i + 1}: target {r['target_tok_s']:.1f} tok/s, speculative "
+                f"{r['speculative_tok_s']:.1f} tok/s ({r['speedup']:.2f}x), draft alone {r['draft_tok_s']:.1f} tok/s; "
+                f"{format_stats(stats)}")
+        med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        total = acceptance_stats(counts)
+        records.append(dict(kind="speculative", model=name, model_args=MODELS[name], precision=a.precision,
+                            quantization=quantization, draft=a.draft, agreement=agreement, speculate_k=k,
+                            prompt_len=a.prompt_len, max_new_tokens=a.max_new_tokens, compile=a.compile,
+                            inductor_config=a.inductor_config, **med,
+                            acceptance_by_position=total["acceptance_by_position"], accepted_counts=counts,
+                            first_difference=first_difference, compile_s=warmup_s,
+                            peak_memory_gb=peak_memory_gb(device), runs=runs))
+    return records
 
 
 def profile_decode(model, prompt, kw, device, steps: int = 21, top: int = 24):
@@ -712,14 +760,15 @@ def main(a: argparse.Namespace):
                                                                          a.allreduce[:1 if a.world_size == 1 else None]):
             kind = "speculative" if a.draft else "model"
             try:
-                records.append(bench_speculative(name, a, device, quantization) if a.draft else
-                               bench_model(name, a, device, bw and bw["read_gb_s"], quantization, decode_kernels,
-                                           allreduce))
+                done = (bench_speculative(name, a, device, quantization) if a.draft else
+                        [bench_model(name, a, device, bw and bw["read_gb_s"], quantization, decode_kernels, allreduce)])
             except torch.cuda.OutOfMemoryError as e:
                 log(f"{name}: out of memory: {str(e).splitlines()[0]}")
-                records.append(dict(kind=kind, model=name, quantization=quantization, error="out of memory"))
+                done = [dict(kind=kind, model=name, quantization=quantization, error="out of memory")]
             free_memory(device)  # the model's last reference was in bench_model's frame
-            save(a.out, records[-1], env)
+            for record in done:
+                records.append(record)
+                save(a.out, record, env)
     print(f"\n{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}")
     if bw:
         print(f"bandwidth ({bw['size_gb']:.1f} GB bf16): copy {bw['copy_gb_s']:.1f} GB/s, "
@@ -757,14 +806,15 @@ def main(a: argparse.Namespace):
 
 
 def print_speculative(records: list, a: argparse.Namespace):
-    header = (f"{'model':<20}{'draft':>12}{'k':>3}{'target tok/s':>14}{'spec tok/s':>12}{'speedup':>9}"
+    header = (f"{'model':<20}{'draft':>12}{'agree':>6}{'k':>3}{'target tok/s':>14}{'spec tok/s':>12}{'speedup':>9}"
               f"{'draft tok/s':>13}{'accepted/step':>15}  acceptance by position")
     print(header + "\n" + "-" * (len(header) + 10))
     for r in records:
         if "error" in r:
             print(f"{label(r):<20}{r['error']:>12}")
             continue
-        print(f"{label(r):<20}{r['draft']:>12}{r['speculate_k']:>3}{r['target_tok_s']:>14.1f}"
+        agreement = "-" if r.get("agreement") is None else f"{r['agreement']:.2f}"
+        print(f"{label(r):<20}{r['draft']:>12}{agreement:>6}{r['speculate_k']:>3}{r['target_tok_s']:>14.1f}"
               f"{r['speculative_tok_s']:>12.1f}{r['speedup']:>8.2f}x{r['draft_tok_s']:>13.1f}"
               f"{r['mean_accepted']:>10.2f} of {r['speculate_k']}  "
               + " ".join(f"{x:.2f}" for x in r["acceptance_by_position"]))
@@ -810,6 +860,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--draft", choices=["self", *(f"self-{s}" for s in SCHEMES), *MODELS],
                    help="speculative decoding with this draft against target-only decoding (see above)")
     p.add_argument("--speculate_k", type=int, default=5, help="with --draft: tokens drafted per target step")
+    p.add_argument("--agreement", type=float, action="append", metavar="A",
+                   help="with a named-shape --draft: predictable synthetic weights (make_predictable) on which the "
+                        "draft's greedy token equals the target's on a fraction A of the vocabulary; repeat to sweep")
     p.add_argument("--allreduce", action="append", choices=["symm", "nccl"],
                    help="under torchrun: decode all-reduces one-shot over symmetric memory where the GPUs allow "
                         "(symm, the default, as generate.py does) or through NCCL; repeat to compare")
@@ -825,6 +878,9 @@ def parse_args() -> argparse.Namespace:
         p.error("need --prompt_len >= 1, --max_new_tokens >= 2, --runs >= 1 and --batch_size >= 1")
     if a.draft and (a.batch_size != 1 or a.speculate_k < 1):
         p.error("--draft needs --batch_size 1 and --speculate_k >= 1")
+    if a.agreement and (not a.draft or a.draft.startswith("self") or any(q != "none" for q in a.quantize or [])
+                        or not all(0 <= x <= 1 for x in a.agreement)):
+        p.error("--agreement A (0 <= A <= 1) needs a named-shape --draft and float weights (no --quantize)")
     if a.draft and a.draft.startswith("self") and any(q != "none" for q in a.quantize or []):
         p.error("--draft self/self-SCHEME builds the draft from a float target: leave out --quantize")
     for name in a.model:

@@ -310,3 +310,28 @@ def test_compiled_round_equals_eager_and_never_recompiles(models):
             assert stats["mean_accepted"] > 1.5  # the int8 copy agrees with the target on most draws
     finally:
         torch._dynamo.config.error_on_recompile = old
+
+
+@pytest.mark.parametrize("agreement", [1.0, 0.5, 0.0])
+def test_bench_agreement_sets_how_often_a_random_draft_is_accepted(agreement):
+    # scripts/bench.py's synthetic weights for speculative benchmarks on GPU: the target's greedy chain follows a
+    # permutation, and a draft of another shape agrees with it on the given fraction of the vocabulary.
+    from bench import MODELS, build_model, disagreeing_successor, make_predictable
+
+    cpu, generator = torch.device("cpu"), torch.Generator().manual_seed(0)
+    target_args = ModelArgs(**MODELS["tiny"])
+    draft_args = ModelArgs(**dict(MODELS["tiny"], dim=64, n_layers=2, tie_word_embeddings=True))
+    successor = torch.randperm(target_args.vocab_size, generator=generator)
+    target = make_predictable(build_model(target_args, cpu, torch.float32, "none"), successor)
+    draft = make_predictable(build_model(draft_args, cpu, torch.float32, "none"),
+                             disagreeing_successor(successor, agreement, generator))
+    for model in (target, draft):
+        model.setup_caches(1, 200)
+    prompt = torch.randint(0, target_args.vocab_size, (1, 4), generator=generator)
+    rows, stats = speculative_generate(target, draft, prompt, 150, speculate_k=1)
+    chain = [prompt[0, -1].item()]
+    for _ in range(150):
+        chain.append(successor[chain[-1]].item())
+    assert rows[0] == chain[1:]  # the target follows the permutation
+    # one draft per round: its acceptance rate estimates the agreement (about 75 rounds at 0.5)
+    assert stats["acceptance_by_position"][0] == pytest.approx(agreement, abs=0.15)
