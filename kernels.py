@@ -49,16 +49,15 @@ if triton is not None:
                      stride_sn, k_per_split, eps, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PROLOGUE: tl.constexpr, SPLIT_K: tl.constexpr):
         """y[split, N] = W @ prologue(x) over this split's share of K, for one row x (decode).
-        BITS = 0: float weights [N, K]. BITS = 8: signed int8 [N, K] with one scale per row, applied to the row's
-        sum (o_ptr unused). BITS = 4: int4 with a scale and offset per GROUP columns (BLOCK_K <= GROUP, so a block
-        lies in one group). rmsnorm with SPLIT_K > 1 leaves the scaling to the caller: ss[split] = sum of x^2.
+        BITS = 0: float weights [N, K]. BITS = 4: int4 with a scale and offset per GROUP columns (BLOCK_K <=
+        GROUP, so a block lies in one group). BITS = 8: signed int8 with one scale per row (GROUP spans the row;
+        o_ptr unused). rmsnorm with SPLIT_K > 1 leaves the scaling to the caller: ss[split] = sum of x^2.
 
-        int8 bytes are converted to float as they are: on an H100 that ran 1.1-1.4x faster than unpacking int32
-        words by the bit trick below (BENCHMARKS.md), which int4 still uses. int4: each int32 word of a row holds
-        8 values, column 8 t + i at bits 4 i. Moving a value u to the top mantissa bits (22 down) and or-ing in
-        the exponent of 1.0 gives f = 1 + u / 16 with two integer ops, no int-to-float conversion. Then
-        u * s + o = f * (16 s) + (o - 16 s), so a group adds 16 s * sum(x f) + (o - 16 s) * sum(x): one
-        multiply-add per weight, the scales applied once per group."""
+        Quantized weights: each int32 word of a row holds 32 / BITS values, column (32 / BITS) t + i at bits
+        BITS * i. Moving a value u to the top mantissa bits (22 down) and or-ing in the exponent of 1.0 gives
+        f = 1 + u / 2^BITS with two integer ops, no int-to-float conversion (a slow instruction). Then u * s + o
+        = f * (2^BITS s) + (o - 2^BITS s), so a group adds 2^BITS s * sum(x f) + (o - 2^BITS s) * sum(x): one
+        multiply-add per weight, the scales applied once per group. int8 stores b = u - 128."""
         pid_n, split = tl.program_id(0), tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
@@ -67,8 +66,8 @@ if triton is not None:
         else:
             k_start = split * k_per_split
             k_end = tl.minimum(k_start + k_per_split, (K + BLOCK_K - 1) // BLOCK_K * BLOCK_K)
-        if BITS == 0 or BITS == 8:
-            # a [BLOCK_N, BLOCK_K] float32 tile of products, reduced once at the end
+        if BITS == 0:
+            # float weights: a [BLOCK_N, BLOCK_K] float32 tile of products, reduced once at the end
             acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in range(k_start, k_end, BLOCK_K):
@@ -82,8 +81,6 @@ if triton is not None:
                 acc2 += w.to(tl.float32) * x[None, :]
                 ss += sq
             acc = tl.sum(acc2, axis=1)
-            if BITS == 8:
-                acc = acc * tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         else:
             PER_WORD: tl.constexpr = 32 // BITS
             WORDS: tl.constexpr = BLOCK_K // PER_WORD
@@ -97,6 +94,8 @@ if triton is not None:
                 else:  # the last block runs past the row's end
                     words = tl.load(w_ptr + rn[:, None] * stride_wn + t[None, :],
                                     mask=n_ok[:, None] & (t < row_words)[None, :], other=0)  # [BN, WORDS]
+                if BITS == 8:
+                    words = words ^ -0x7F7F7F80  # 0x80808080 as int32: signed bytes b -> unsigned u = b + 128
                 xf = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
                 x_sum = tl.zeros((WORDS,), dtype=tl.float32)
                 for i in tl.static_range(PER_WORD):
@@ -111,7 +110,10 @@ if triton is not None:
                     ss += sq
                 g = k0 // GROUP
                 s = tl.load(s_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-                o = tl.load(o_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+                if BITS == 8:
+                    o = -128.0 * s
+                else:
+                    o = tl.load(o_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
                 s = s * (1 << BITS)
                 acc += tl.sum(xf, axis=1) * s + tl.sum(x_sum, axis=0) * (o - s)
         if PROLOGUE == 1:
@@ -155,9 +157,8 @@ def gemv_config(bits: int, n: int, k: int, group_size: int = 128) -> dict:
     scripts/bench.py --int4_sweep (BENCHMARKS.md)."""
     if bits == 4:
         return dict(BLOCK_N=32, BLOCK_K=min(group_size, 128), SPLIT_K=8, num_warps=1)
-    if bits == 8:  # tuned on H100 (BENCHMARKS.md)
-        return dict(BLOCK_N=1, BLOCK_K=1024, SPLIT_K=1, num_warps=4) if k > 8192 else \
-            dict(BLOCK_N=2, BLOCK_K=1024, SPLIT_K=1, num_warps=2)
+    if bits == 8:
+        return dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=4, num_warps=4)
     if k > 8192:  # (w2)
         return dict(BLOCK_N=8, BLOCK_K=1024, SPLIT_K=1, num_warps=4)
     return dict(BLOCK_N=4, BLOCK_K=1024, SPLIT_K=1, num_warps=8)
@@ -174,7 +175,9 @@ def gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, offsets: Op
     k = x.shape[1] // 2 if prologue == "swiglu" else x.shape[1]
     config = dict(config or gemv_config(bits, n, k, group_size or 128))
     split = config.pop("SPLIT_K", 1)  # programs sharing a row's K: more loads in flight when N is small
-    w = weight if bits != 4 else weight.view(torch.int32)
+    if bits == 8:
+        group_size = triton.cdiv(k, config["BLOCK_K"]) * config["BLOCK_K"]  # one scale for the whole row
+    w = weight if bits == 0 else weight.view(torch.int32)
     blocks = triton.cdiv(k, config["BLOCK_K"])
     k_per_split = triton.cdiv(blocks, split) * config["BLOCK_K"]
     y = torch.empty(split, n, device=x.device, dtype=x.dtype if split == 1 else torch.float32)
@@ -221,7 +224,7 @@ def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, grou
 
 
 def int8_gemv(x: Tensor, weight: Tensor, scales: Tensor, config: Optional[dict] = None) -> Tensor:
-    """x [1, K] @ (weight * scales[:, None]).T -> [1, N] for int8 weight [N, K]."""
+    """x [1, K] @ (weight * scales[:, None]).T -> [1, N] for int8 weight [N, K], K a multiple of 4."""
     return gemv(x, weight, scales, bits=8, config=config)
 
 

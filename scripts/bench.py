@@ -354,8 +354,8 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
                 copies = [(q8, s8)] + [(q8.clone(), s8.clone()) for _ in range(weight_copies(nbytes, device) - 1)]
                 x = torch.randn(1, k, device=device, dtype=dtype)
                 results = {}
-                for config in [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=w) for bn in (1, 2, 4, 8)
-                               for bk in (512, 1024, 2048) for sk in (1, 2) for w in (2, 4, 8)]:
+                for config in [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=w) for bn in (8, 16, 32)
+                               for bk in (256, 512, 1024) for sk in (2, 4, 8) for w in (1, 2, 4)]:
                     t_ms = graph_ms_per_call([lambda c=c: int8_gemv(x, *c, config=config) for c in copies * 4],
                                              device, reps=10)
                     results[config_key(config)] = nbytes / t_ms / 1e6

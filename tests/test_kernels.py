@@ -28,7 +28,7 @@ def weight_in(bits: int, w: torch.Tensor, group_size: int = 64):
 
 @pytest.mark.parametrize("bits", [0, 8, 4])
 @pytest.mark.parametrize("prologue", [None, "rmsnorm", "swiglu"])
-@pytest.mark.parametrize("n,k,split", [(40, 320, 1), (17, 1000, 3), (9, 999, 2)])
+@pytest.mark.parametrize("n,k,split", [(40, 320, 1), (17, 1000, 3)])
 def test_gemv_with_a_fused_prologue_matches_pytorch(bits, prologue, n, k, split):
     g = torch.Generator().manual_seed(n * k + bits)
     w = torch.randn(n, k, generator=g).to(DTYPE)
