@@ -5,7 +5,7 @@ them; scripts/convert_hf_checkpoint.py undoes that), q/k/v are fused into `wqkv`
 projections into `w13`. This file knows nothing of quantization or tensor parallelism: those swap modules.
 """
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch
