@@ -1,16 +1,17 @@
-"""Triton kernels for the decode step, and the module swap that routes a model's one-row matmuls through them.
+"""Triton kernels for the decode step, and the module swap that runs a model's one-token step on them.
 
-A decode step multiplies one row x by every weight matrix, so its time is the time to read the weights. One
-kernel, _gemv_kernel, does every such product: float (bf16/fp16) weights, int8 and int4 (quantize.py's
-layouts). It can also take over the op in front of the matmul, so that the step launches fewer kernels:
+A decode step multiplies one row x by every weight matrix, so its time is the time to read the weights, plus
+what every kernel launch costs. One kernel, _gemv_kernel, does every such product: float (bf16/fp16) weights,
+int8 and int4 (quantize.py's layouts). It also takes over the ops around the matmul, so that a layer is five
+kernels, not a dozen:
 - rmsnorm: y = W (x * g) * rsqrt(mean(x^2) + eps); the sum of squares is gathered in the same pass over x,
   and the row's scale factor is applied once at the end (it is one number per row).
 - swiglu: x holds [gate | up] (the fused w1/w3 output) and the kernel reads silu(gate) * up.
-fuse_decode(model) swaps those pairs (attention_norm + wqkv, ffn_norm + w13, w13's activation + w2,
-norm + output; wo alone) for DecodeLinear modules, in place, after loading (float and int8 weights; int4
-layers keep their own kernel calls). With more than one row (prefill,
-speculative verify) or off CUDA, a DecodeLinear runs its original modules, unchanged.
-_int4_matmul_kernel multiplies several rows by int4 weights on tensor cores.
+- residual: y = r + W x, the residual stream's add.
+_decode_attention_kernel does the rest of attention for one token: RoPE, the KV cache write, split-KV softmax.
+fuse_decode(model) swaps each TransformerBlock for a DecodeBlock and the final norm + output head for a
+DecodeLinear, in place, after loading. With more than one token (prefill, speculative verify) or off CUDA, the
+model's own modules run, unchanged. _int4_matmul_kernel multiplies several rows by int4 weights on tensor cores.
 """
 from typing import Optional
 
@@ -18,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from model import Transformer, TransformerBlock
 
 try:  # Triton ships with CUDA builds of torch; without it every layer keeps its PyTorch path
     import triton
@@ -45,10 +48,12 @@ if triton is not None:
         return x, squares
 
     @triton.jit
-    def _gemv_kernel(x_ptr, g_ptr, w_ptr, s_ptr, o_ptr, y_ptr, ss_ptr, N, K: tl.constexpr, row_words, stride_wn,
-                     stride_sn, k_per_split, eps, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PROLOGUE: tl.constexpr, SPLIT_K: tl.constexpr):
-        """y[split, N] = W @ prologue(x) over this split's share of K, for one row x (decode).
+    def _gemv_kernel(x_ptr, g_ptr, w_ptr, s_ptr, o_ptr, r_ptr, y_ptr, ss_ptr, N, K: tl.constexpr, row_words,
+                     stride_wn, stride_sn, k_per_split, eps, BITS: tl.constexpr, GROUP: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PROLOGUE: tl.constexpr,
+                     SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr):
+        """y[split, N] = W @ prologue(x) over this split's share of K, for one row x (decode); RESIDUAL (SPLIT_K = 1
+        only): y = r + W @ prologue(x), the residual stream's add done before the one rounding to y's dtype.
         BITS = 0: float weights [N, K]. BITS = 4: int4 with a scale and offset per GROUP columns (BLOCK_K <=
         GROUP, so a block lies in one group). BITS = 8: signed int8 with one scale per row (GROUP spans the row;
         o_ptr unused). rmsnorm with SPLIT_K > 1 leaves the scaling to the caller: ss[split] = sum of x^2.
@@ -121,6 +126,8 @@ if triton is not None:
                 acc = acc * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
             elif pid_n == 0:
                 tl.store(ss_ptr + split, tl.sum(ss, axis=0))
+        if RESIDUAL:
+            acc += tl.load(r_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + split * N + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.jit
@@ -151,6 +158,91 @@ if triton is not None:
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
 
+    @triton.jit
+    def _decode_attention_kernel(qkv_ptr, rope_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, y_ptr, part_ptr, ml_ptr,
+                                 stride_ch, stride_cs, qk_scale, window, H: tl.constexpr, H_KV: tl.constexpr,
+                                 D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr):
+        """One query token's attention for query head program_id(0) over cache positions [split * CHUNK, (split + 1)
+        * CHUNK) (split = program_id(1)), from the wqkv output row qkv [(H + 2 H_KV) D]: RoPE on q and k, the new k
+        and v written to the cache at pos, then softmax(q K^T) V over the cached positions, split-KV as in
+        flash-decoding (Dao et al. 2023, "Flash-Decoding for long-context inference"). The current position's score
+        comes from registers, so no program reads the cache row that this launch writes. SPLITS = 1: y [H D] is
+        the output; otherwise each split leaves its unnormalised sum [D] and (max, sum of weights) for
+        _attention_combine_kernel. Scores are in base 2 (qk_scale holds log2(e) / sqrt(D)); the sliding window
+        (window > 0) keeps positions j with pos - j < window."""
+        head, split = tl.program_id(0), tl.program_id(1)
+        kv_head = head // (H // H_KV)
+        pos = tl.load(pos_ptr).to(tl.int32)
+        half = tl.arange(0, D // 2)
+        cos, sin = tl.load(rope_ptr + 2 * half), tl.load(rope_ptr + 2 * half + 1)  # rope row [D/2, 2]
+        dtype = k_cache_ptr.dtype.element_ty
+        # q and k rotated in float32 and rounded to the cache's dtype, as the model's own path rounds them
+        q_even = tl.load(qkv_ptr + head * D + 2 * half).to(tl.float32)
+        q_odd = tl.load(qkv_ptr + head * D + 2 * half + 1).to(tl.float32)
+        q_even, q_odd = ((q_even * cos - q_odd * sin).to(dtype).to(tl.float32) * qk_scale,
+                         (q_odd * cos + q_even * sin).to(dtype).to(tl.float32) * qk_scale)
+        k_base = k_cache_ptr + kv_head * stride_ch
+        v_base = v_cache_ptr + kv_head * stride_ch
+        lo = split * CHUNK
+        hi = tl.minimum(lo + CHUNK, pos)  # the cached positions of this split, the current one excluded
+        if window > 0:
+            lo = tl.maximum(lo, pos - window + 1)
+        m = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), axis=0)  # running max of the scores
+        l = tl.sum(tl.zeros((BLOCK_S,), tl.float32), axis=0)  # running sum of exp2(score - m)
+        acc = tl.zeros((D,), tl.float32)
+        for s0 in range(lo, hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            ok = s < hi
+            k_even = tl.load(k_base + s[:, None] * stride_cs + 2 * half[None, :], mask=ok[:, None], other=0.0)
+            k_odd = tl.load(k_base + s[:, None] * stride_cs + 2 * half[None, :] + 1, mask=ok[:, None], other=0.0)
+            scores = tl.sum(k_even.to(tl.float32) * q_even[None, :] + k_odd.to(tl.float32) * q_odd[None, :], axis=1)
+            scores = tl.where(ok, scores, float("-inf"))  # [BLOCK_S]
+            m_new = tl.maximum(m, tl.max(scores, axis=0))
+            p = tl.exp2(scores - m_new)
+            alpha = tl.exp2(m - m_new)
+            v = tl.load(v_base + s[:, None] * stride_cs + tl.arange(0, D)[None, :], mask=ok[:, None], other=0.0)
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+            l = l * alpha + tl.sum(p, axis=0)
+            m = m_new
+        if split == pos // CHUNK:  # this split holds the current position: its k and v come from qkv
+            k_off, v_off = H * D + kv_head * D, (H + H_KV) * D + kv_head * D
+            k_even = tl.load(qkv_ptr + k_off + 2 * half).to(tl.float32)
+            k_odd = tl.load(qkv_ptr + k_off + 2 * half + 1).to(tl.float32)
+            k_even, k_odd = (k_even * cos - k_odd * sin).to(dtype), (k_odd * cos + k_even * sin).to(dtype)
+            v = tl.load(qkv_ptr + v_off + tl.arange(0, D)).to(dtype)
+            score = tl.sum(k_even.to(tl.float32) * q_even + k_odd.to(tl.float32) * q_odd, axis=0)
+            m_new = tl.maximum(m, score)
+            p, alpha = tl.exp2(score - m_new), tl.exp2(m - m_new)
+            acc = acc * alpha + p * v.to(tl.float32)
+            l = l * alpha + p
+            m = m_new
+            if head % (H // H_KV) == 0:  # one program per KV head writes the cache row
+                tl.store(k_base + pos * stride_cs + 2 * half, k_even)
+                tl.store(k_base + pos * stride_cs + 2 * half + 1, k_odd)
+                tl.store(v_base + pos * stride_cs + tl.arange(0, D), v)
+        if SPLITS == 1:
+            tl.store(y_ptr + head * D + tl.arange(0, D), (acc / l).to(y_ptr.dtype.element_ty))
+        else:
+            tl.store(part_ptr + (split * H + head) * D + tl.arange(0, D), acc)
+            tl.store(ml_ptr + (split * H + head) * 2, m)
+            tl.store(ml_ptr + (split * H + head) * 2 + 1, l)
+
+    @triton.jit
+    def _attention_combine_kernel(part_ptr, ml_ptr, y_ptr, H: tl.constexpr, D: tl.constexpr,
+                                  SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
+        """y[head] = the splits' partial sums weighted by exp2(their max - the overall max), over the weights' sum.
+        A split with no position in range left max -inf and sum 0: its weight is 0."""
+        head = tl.program_id(0)
+        splits = tl.arange(0, BLOCK_SPLITS)
+        ok = splits < SPLITS
+        m = tl.load(ml_ptr + (splits * H + head) * 2, mask=ok, other=float("-inf"))
+        l = tl.load(ml_ptr + (splits * H + head) * 2 + 1, mask=ok, other=0.0)
+        weight = tl.exp2(m - tl.max(m, axis=0))  # [BLOCK_SPLITS]
+        part = tl.load(part_ptr + (splits[:, None] * H + head) * D + tl.arange(0, D)[None, :], mask=ok[:, None],
+                       other=0.0)  # [BLOCK_SPLITS, D]
+        y = tl.sum(part * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
+        tl.store(y_ptr + head * D + tl.arange(0, D), y.to(y_ptr.dtype.element_ty))
+
 
 def gemv_config(bits: int, n: int, k: int, group_size: int = 128) -> dict:
     """Block sizes, split-K and warps of _gemv_kernel per weight format; tuned on H200 with
@@ -166,8 +258,9 @@ def gemv_config(bits: int, n: int, k: int, group_size: int = 128) -> dict:
 
 def gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, offsets: Optional[Tensor] = None, *,
          bits: int = 0, group_size: Optional[int] = None, config: Optional[dict] = None,
-         prologue: Optional[str] = None, norm_weight: Optional[Tensor] = None, eps: float = 0.0) -> Tensor:
-    """One row x [1, K] (swiglu: [1, 2K]) times weight.T -> [1, N] with _gemv_kernel.
+         prologue: Optional[str] = None, norm_weight: Optional[Tensor] = None, eps: float = 0.0,
+         residual: Optional[Tensor] = None) -> Tensor:
+    """One row x [1, K] (swiglu: [1, 2K]) times weight.T (plus residual [1, N]) -> [1, N] with _gemv_kernel.
     weight: float [N, K] (bits 0), int8 [N, K] (bits 8, scales [N]) or int4 packed uint8 [N, Kp/2] (bits 4,
     scales and offsets [N, Kp/group_size]). prologue: None, "rmsnorm" (norm_weight, eps) or "swiglu"."""
     x = x.contiguous()
@@ -185,14 +278,17 @@ def gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, offsets: Op
     scale_stride = 1 if scales is None or scales.dim() == 1 else scales.stride(0)
     _gemv_kernel[(triton.cdiv(n, config["BLOCK_N"]), split)](
         x, x if norm_weight is None else norm_weight, w, w if scales is None else scales,
-        w if offsets is None else offsets, y, ss, n, k, w.shape[1], w.stride(0), scale_stride, k_per_split, eps,
-        BITS=bits, GROUP=group_size or 1, EVEN_K=k % config["BLOCK_K"] == 0, PROLOGUE=PROLOGUES[prologue],
-        SPLIT_K=split, **config)
+        w if offsets is None else offsets, y if residual is None or split > 1 else residual, y, ss, n, k, w.shape[1],
+        w.stride(0), scale_stride, k_per_split, eps, BITS=bits, GROUP=group_size or 1,
+        EVEN_K=k % config["BLOCK_K"] == 0, PROLOGUE=PROLOGUES[prologue], SPLIT_K=split,
+        RESIDUAL=residual is not None and split == 1, **config)
     if split == 1:
         return y
     y = y.sum(0, keepdim=True)
     if prologue == "rmsnorm":
         y = y * torch.rsqrt(ss.sum() / k + eps)
+    if residual is not None:  # (inductor fuses this add into the sum over the splits)
+        y = y + residual.float()
     return y.to(x.dtype)
 
 
@@ -223,6 +319,37 @@ def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, grou
     return y
 
 
+ATTENTION_BLOCK_S = 64  # cached positions per loop step of a program
+
+
+def attention_chunk(max_seq_length: int) -> int:
+    """Cache positions per program of decode_attention: one program per head up to 256 positions, longer caches
+    split into at most 64 chunks (flash-decoding) of a power of two positions each."""
+    return max(256, triton.next_power_of_2(triton.cdiv(max_seq_length, 64)))
+
+
+def decode_attention(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, n_heads: int,
+                     n_kv_heads: int, sliding_window: Optional[int] = None) -> Tensor:
+    """Attention of one new token, from the wqkv output qkv [1, (n_heads + 2 n_kv_heads) head_dim] at position
+    input_pos [1]: RoPE (rope [1, head_dim/2, 2], interleaved pairs), k and v written into the caches [1, n_kv_heads,
+    max_seq, head_dim] at input_pos, attention over positions 0..input_pos (the last sliding_window of them)
+    -> [1, n_heads head_dim], in qkv's dtype. What model.Attention computes for one row, in one or two kernels."""
+    head_dim, max_seq = k_cache.shape[-1], k_cache.shape[2]
+    chunk = attention_chunk(max_seq)
+    splits = triton.cdiv(max_seq, chunk)
+    y = torch.empty(1, n_heads * head_dim, device=qkv.device, dtype=qkv.dtype)
+    part = torch.empty(splits, n_heads, head_dim, device=qkv.device, dtype=torch.float32) if splits > 1 else y
+    ml = torch.empty(splits, n_heads, 2, device=qkv.device, dtype=torch.float32) if splits > 1 else y
+    _decode_attention_kernel[(n_heads, splits)](
+        qkv.contiguous(), rope.contiguous(), k_cache, v_cache, input_pos, y, part, ml, k_cache.stride(1),
+        k_cache.stride(2), 1.4426950408889634 / head_dim ** 0.5, sliding_window or 0, H=n_heads, H_KV=n_kv_heads,
+        D=head_dim, CHUNK=chunk, BLOCK_S=ATTENTION_BLOCK_S, SPLITS=splits, num_warps=4)
+    if splits > 1:
+        _attention_combine_kernel[(n_heads,)](part, ml, y, H=n_heads, D=head_dim, SPLITS=splits,
+                                              BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=1)
+    return y
+
+
 def int8_gemv(x: Tensor, weight: Tensor, scales: Tensor, config: Optional[dict] = None) -> Tensor:
     """x [1, K] @ (weight * scales[:, None]).T -> [1, N] for int8 weight [N, K], K a multiple of 4."""
     return gemv(x, weight, scales, bits=8, config=config)
@@ -230,85 +357,109 @@ def int8_gemv(x: Tensor, weight: Tensor, scales: Tensor, config: Optional[dict] 
 
 # ------------------------------------------------------------------------------------------- module swap
 
-def linear_gemv(x: Tensor, linear: nn.Module, **prologue) -> Tensor:
-    """gemv on whatever weights `linear` holds (nn.Linear, quantize.Int8Linear or Int4Linear), plus its bias."""
+def linear_gemv(x: Tensor, linear: nn.Module, **kw) -> Tensor:
+    """gemv on whatever weights `linear` holds (nn.Linear, quantize.Int8Linear or Int4Linear), plus its bias.
+    kw: gemv's prologue arguments and residual (a linear with a bias adds it after the bias)."""
+    residual = kw.pop("residual", None) if linear.bias is not None else None
     w = linear.weight
     if w.dtype == torch.int8:
-        y = gemv(x, w, linear.scales, bits=8, **prologue)
+        y = gemv(x, w, linear.scales, bits=8, **kw)
     elif w.dtype == torch.uint8:
-        y = gemv(x, w, linear.scales, linear.offsets, bits=4, group_size=linear.group_size, **prologue)
+        y = gemv(x, w, linear.scales, linear.offsets, bits=4, group_size=linear.group_size, **kw)
     else:
-        y = gemv(x, w, **prologue)
-    return y + linear.bias if linear.bias is not None else y
+        y = gemv(x, w, **kw)
+    if linear.bias is not None:
+        y = y + linear.bias
+    return y if residual is None else y + residual
+
+
+def takes_prologue(linear: nn.Module) -> bool:
+    """Whether `linear` runs through _gemv_kernel with the op in front of it folded in: float and int8 weights;
+    int4's GEMV is bound by instructions and measured slower with a prologue (BENCHMARKS.md), so int4 layers keep
+    their own forward (the same kernel without one)."""
+    from quantize import Int8Linear
+
+    return type(linear) in (nn.Linear, Int8Linear) and not linear._forward_pre_hooks
+
+
+def project(x: Tensor, linear: nn.Module, norm: Optional[nn.Module] = None, swiglu: bool = False,
+            residual: Optional[Tensor] = None) -> Tensor:
+    """linear(op(x)) + residual for one row x [1, K], op the RMSNorm `norm`, or (swiglu) silu(gate) * up of x =
+    [gate | up], or nothing. Folded into one GEMV kernel where takes_prologue(linear); the residual add is folded in
+    too unless forward hooks (tensor parallelism's all-reduce or gather) must see the product first."""
+    if takes_prologue(linear):
+        hooks = list(linear._forward_hooks.values())
+        kw = dict(prologue="swiglu" if swiglu else None)
+        if norm is not None:
+            kw = dict(prologue="rmsnorm", norm_weight=norm.weight, eps=norm.eps)
+        y = linear_gemv(x, linear, residual=None if hooks else residual, **kw)
+        for hook in hooks:
+            y = hook(linear, (x,), y)
+        return y + residual if hooks and residual is not None else y
+    if norm is not None:
+        x = norm(x)
+    if swiglu:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    y = linear(x)
+    return y if residual is None else y + residual
 
 
 class DecodeLinear(nn.Module):
-    """`linear`, with the op in front of it (`norm`: an RMSNorm; or swiglu=True: silu(gate) * up of [gate | up])
-    done inside the GEMV kernel when the input is one row; otherwise by the plain modules."""
+    """`linear` after the RMSNorm `norm` (the output head), the two in one GEMV kernel when the input is one row;
+    otherwise the plain modules."""
 
-    def __init__(self, linear: nn.Module, norm: Optional[nn.Module] = None, swiglu: bool = False):
+    def __init__(self, linear: nn.Module, norm: nn.Module):
         super().__init__()
-        self.linear, self.norm, self.swiglu = linear, norm, swiglu
+        self.linear, self.norm = linear, norm
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.numel() == x.shape[-1] and (x.shape[-1] // (2 if self.swiglu else 1)) % 8 == 0:
-            if self.norm is not None:
-                prologue = dict(prologue="rmsnorm", norm_weight=self.norm.weight, eps=self.norm.eps)
-            else:
-                prologue = dict(prologue="swiglu" if self.swiglu else None)
-            y = linear_gemv(x.reshape(1, -1), self.linear, **prologue).view(*x.shape[:-1], -1)
-            for hook in self.linear._forward_hooks.values():  # tensor parallel: the all-reduce or the gather
-                y = hook(self.linear, (x,), y)
-            return y
-        if self.norm is not None:
-            x = self.norm(x)
-        if self.swiglu:
-            gate, up = x.chunk(2, dim=-1)
-            x = F.silu(gate) * up
-        return self.linear(x)
+        if x.numel() == x.shape[-1]:
+            return project(x.reshape(1, -1), self.linear, self.norm).view(*x.shape[:-1], -1)
+        return self.linear(self.norm(x))
 
 
-class DecodeFeedForward(nn.Module):
-    """model.FeedForward as w13 then a DecodeLinear w2 that applies SwiGLU to w13's output itself."""
+class DecodeBlock(TransformerBlock):
+    """A TransformerBlock (the same modules, so the same state-dict keys) whose one-token step is five kernels:
+    RMSNorm + wqkv, attention (RoPE, the cache write, split-KV softmax), wo + the residual add, RMSNorm + w13,
+    SwiGLU + w2 + the residual add. Several tokens (prefill, speculative verify) run TransformerBlock.forward."""
 
-    def __init__(self, w13: nn.Module, w2: DecodeLinear):
-        super().__init__()
-        self.w13, self.w2 = w13, w2
+    def __init__(self, block: TransformerBlock, sliding_window: Optional[int]):
+        nn.Module.__init__(self)
+        self.attention, self.feed_forward = block.attention, block.feed_forward
+        self.attention_norm, self.ffn_norm = block.attention_norm, block.ffn_norm
+        self.sliding_window = sliding_window
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(self.w13(x))
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Optional[Tensor]) -> Tensor:
+        attention, ff = self.attention, self.feed_forward
+        if x.shape[0] * x.shape[1] != 1 or input_pos is None or attention.kv_cache is None:
+            return super().forward(x, rope, mask, input_pos)
+        x = x.view(1, -1)  # [1, dim]
+        qkv = project(x, attention.wqkv, self.attention_norm)  # [1, (n_heads + 2 n_kv_heads) head_dim]
+        cache = attention.kv_cache
+        y = decode_attention(qkv, rope, cache.k_cache, cache.v_cache, input_pos, attention.n_heads,
+                             attention.n_kv_heads, self.sliding_window)  # [1, n_heads head_dim]
+        h = project(y, attention.wo, residual=x)
+        u = project(h, ff.w13, self.ffn_norm)  # [1, 2 intermediate]: [gate | up]
+        return project(u, ff.w2, swiglu=True, residual=h).view(1, 1, -1)
 
 
-def fuse_decode(model: nn.Module, use_kernel: Optional[bool] = None) -> nn.Module:
-    """Route the model's one-row matmuls through _gemv_kernel with their RMSNorms and SwiGLU folded in, by
-    swapping modules in place (after the weights are loaded). Only float and int8 linears are taken (with their
-    forward hooks: tensor parallelism's all-reduce or gather); int4 keeps its own forward, since its GEMV is bound by
-    instructions and measured slower with the prologues in it (BENCHMARKS.md). use_kernel
-    defaults to: on CUDA with Triton; set it True on CPU only under TRITON_INTERPRET=1 (tests)."""
-    from quantize import Int8Linear
-
+def fuse_decode(model: Transformer, use_kernel: Optional[bool] = None) -> Transformer:
+    """Run the model's one-token decode step on this file's kernels, by swapping modules in place (after the weights
+    are loaded): each TransformerBlock becomes a DecodeBlock, the final RMSNorm and output head a DecodeLinear.
+    Tensor parallel shards keep their forward hooks (the all-reduce, the gather); int4 linears keep their own
+    forward (takes_prologue). use_kernel defaults to: on CUDA with Triton; set it True on CPU only under
+    TRITON_INTERPRET=1 (tests). Blocks whose sizes the kernels do not take (head_dim not a power of two, widths not
+    multiples of 8, a batched cache) are left as they are."""
     if use_kernel is None:
         use_kernel = triton is not None and model.output.weight.is_cuda
     if not use_kernel:
         return model
-
-    def plain(linear):  # forward hooks (tensor parallel's all-reduce or gather) are run by DecodeLinear too
-        return type(linear) in (nn.Linear, Int8Linear) and not linear._forward_pre_hooks
-
-    def fuse(parent, name, norm_owner=None, norm_name=None):
-        """parent.name becomes a DecodeLinear taking over norm_owner.norm_name, which becomes an Identity."""
-        if plain(getattr(parent, name)):
-            norm = getattr(norm_owner, norm_name) if norm_owner is not None else None
-            setattr(parent, name, DecodeLinear(getattr(parent, name), norm=norm))
-            if norm is not None:
-                setattr(norm_owner, norm_name, nn.Identity())
-
-    for layer in model.layers:
-        fuse(layer.attention, "wqkv", layer, "attention_norm")
-        fuse(layer.attention, "wo")
-        ff = layer.feed_forward
-        fuse(ff, "w13", layer, "ffn_norm")
-        if plain(ff.w2):  # w2 applies SwiGLU to w13's output itself
-            layer.feed_forward = DecodeFeedForward(ff.w13, DecodeLinear(ff.w2, swiglu=True))
-    fuse(model, "output", model, "norm")
+    args = model.args
+    hd = args.head_dim
+    if hd & (hd - 1) == 0 and hd >= 4 and args.dim % 8 == 0 and args.intermediate_size % 8 == 0:
+        for i, layer in enumerate(model.layers):
+            model.layers[i] = DecodeBlock(layer, args.sliding_window)
+    if takes_prologue(model.output) and args.dim % 8 == 0:
+        model.output, model.norm = DecodeLinear(model.output, model.norm), nn.Identity()
     return model

@@ -1,12 +1,13 @@
-"""kernels.py: the decode GEMV with its fused prologues, and fuse_decode's module swap, against PyTorch.
+"""kernels.py: the decode GEMV with its fused prologues and residual, the decode attention, and fuse_decode's module
+swap, against PyTorch.
 Without a GPU the Triton kernels run in Triton's interpreter (conftest.py), in float32."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from generate import load_model
-from kernels import DecodeLinear, fuse_decode, gemv
-from model import RMSNorm
+from kernels import DecodeBlock, DecodeLinear, decode_attention, fuse_decode, gemv
+from model import ModelArgs, RMSNorm, apply_rotary_emb, causal_mask, precompute_rope
 from quantize import dequantize_int4, quantize_checkpoint, quantize_int4, quantize_int8
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -29,7 +30,7 @@ def weight_in(bits: int, w: torch.Tensor, group_size: int = 64):
 @pytest.mark.parametrize("bits", [0, 8, 4])
 @pytest.mark.parametrize("prologue", [None, "rmsnorm", "swiglu"])
 @pytest.mark.parametrize("n,k,split", [(40, 320, 1), (17, 1000, 3)])
-def test_gemv_with_a_fused_prologue_matches_pytorch(bits, prologue, n, k, split):
+def test_gemv_with_a_fused_prologue_and_residual_matches_pytorch(bits, prologue, n, k, split):
     g = torch.Generator().manual_seed(n * k + bits)
     w = torch.randn(n, k, generator=g).to(DTYPE)
     x = torch.randn(1, 2 * k if prologue == "swiglu" else k, generator=g).to(DTYPE) * 3
@@ -41,47 +42,78 @@ def test_gemv_with_a_fused_prologue_matches_pytorch(bits, prologue, n, k, split)
     if prologue == "swiglu":
         gate, up = xf.chunk(2, dim=-1)
         xf = F.silu(gate) * up
-    expected = xf @ w_float.T
+    residual = torch.randn(1, n, generator=g).to(DTYPE)
+    expected = xf @ w_float.T + residual.float()
     # blocks that do not divide K, and split-K (partial sums, and sums of squares, combined after the kernel)
     block_k = 256 if bits != 4 else 64
     config = dict(BLOCK_N=8, BLOCK_K=block_k, SPLIT_K=split, num_warps=2)
     ops = {key: (v.to(DEVICE) if torch.is_tensor(v) else v) for key, v in ops.items()}
     got = gemv(x.to(DEVICE), config=config, prologue=prologue, norm_weight=norm_weight.to(DEVICE), eps=1e-5,
-               **ops).float().cpu()
+               residual=residual.to(DEVICE), **ops).float().cpu()
     assert got.shape == (1, n)
     assert ((got - expected).norm() / expected.norm()).item() <= TOL
 
 
+def reference_attention(qkv, rope, k_cache, v_cache, pos, n_heads, n_kv_heads, window):
+    """model.Attention's path after wqkv, for one token: RoPE, KVCache.update's write, masked SDPA."""
+    d = k_cache.shape[-1]
+    q, k, v = qkv.split([n_heads * d, n_kv_heads * d, n_kv_heads * d], dim=-1)
+    q = apply_rotary_emb(q.view(1, 1, n_heads, d), rope).transpose(1, 2)
+    k = apply_rotary_emb(k.view(1, 1, n_kv_heads, d), rope).transpose(1, 2)
+    k_cache[:1, :, pos], v_cache[:1, :, pos] = k, v.view(1, 1, n_kv_heads, d).transpose(1, 2)
+    mask = causal_mask(k_cache.shape[2], window, k_cache.device)[None, None, pos]
+    y = F.scaled_dot_product_attention(q, k_cache[:1], v_cache[:1], attn_mask=mask, enable_gqa=n_heads != n_kv_heads)
+    return y.transpose(1, 2).reshape(1, n_heads * d)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads,head_dim,max_seq,pos,window", [
+    (4, 4, 16, 40, 17, None),  # one program per head
+    (4, 1, 16, 50, 0, None),  # the first position: only the new token
+    (4, 2, 32, 600, 530, None),  # GQA, 3 splits combined (flash-decoding), the last one partly filled
+    (8, 2, 16, 600, 300, 100),  # sliding window: the first split falls out of it entirely
+    (2, 2, 64, 600, 256, None),  # the new token opens a split of its own
+])
+def test_decode_attention_matches_rope_cache_write_and_sdpa(n_heads, n_kv_heads, head_dim, max_seq, pos, window):
+    g = torch.Generator().manual_seed(pos)
+    args = ModelArgs(vocab_size=8, dim=n_heads * head_dim, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                     intermediate_size=8, head_dim=head_dim, max_seq_len=max_seq, rope_theta=500000.0)
+    rope = precompute_rope(max_seq, args)[pos:pos + 1].to(DEVICE)
+    qkv = torch.randn(1, (n_heads + 2 * n_kv_heads) * head_dim, generator=g).to(DEVICE, DTYPE)
+    # a batch-2 cache full of random values (row 1 must stay untouched), as setup_caches(2, ...) would make it
+    k_cache, v_cache = (torch.randn(2, n_kv_heads, max_seq, head_dim, generator=g).to(DEVICE, DTYPE) for _ in range(2))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    input_pos = torch.tensor([pos], device=DEVICE)
+    got = decode_attention(qkv, rope, k_cache, v_cache, input_pos, n_heads, n_kv_heads, window)
+    expected = reference_attention(qkv, rope, k_ref, v_ref, input_pos, n_heads, n_kv_heads, window)
+    assert ((got.float() - expected.float()).norm() / expected.float().norm()).item() <= TOL
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
 @pytest.mark.parametrize("family,scheme", [("llama2", None), ("qwen2", None), ("llama3.2", None),
-                                           ("mistral", "int8")])
+                                           ("mistral", "int8"), ("llama3.1", "int4")])
 def test_fused_decode_model_gives_the_unfused_logits(family, scheme, hf_checkpoint, tmp_path):
-    # One decode step through the kernels (norms and SwiGLU inside them) against the same weights unfused;
-    # several rows (prefill) must take the unchanged modules. qwen2 has q/k/v biases, llama3.2 a tied head.
+    # Decode steps through the kernels (norms, SwiGLU and residual adds inside the GEMVs; RoPE, the cache write and
+    # attention in one kernel) against the same weights unfused; several rows (prefill) must take the unchanged
+    # modules. qwen2 has q/k/v biases, llama3.2 a tied head, mistral a sliding window (24) that the 30 positions
+    # pass; int4 linears keep their own forward inside the DecodeBlock.
     _, path = hf_checkpoint(family)
     if scheme:
-        path = quantize_checkpoint(path, scheme, output=tmp_path / "q.pth")
+        path = quantize_checkpoint(path, scheme, output=tmp_path / "q.pth", group_size=32)
     plain, fused = (load_model(path, DEVICE, DTYPE) for _ in range(2))
+    keys = set(plain.state_dict())
     fuse_decode(fused, use_kernel=True)
-    assert isinstance(fused.layers[0].attention.wqkv, DecodeLinear)
-    assert not any(isinstance(m, RMSNorm) for name, m in fused.named_modules() if not name.endswith(".norm"))
+    assert all(isinstance(layer, DecodeBlock) for layer in fused.layers)
+    # the layers keep their keys; the head's move under the DecodeLinear
+    assert {k.replace("output.linear.", "output.").replace("output.norm.", "norm.") for k in fused.state_dict()} == keys
+    assert isinstance(fused.output, DecodeLinear) == (scheme != "int4")
     if family == "llama3.2":
         assert fused.output.linear.weight is fused.tok_embeddings.weight
-    prompt = torch.randint(3, 320, (1, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    prompt = torch.randint(3, 320, (1, 30), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     for m in (plain, fused):
-        m.setup_caches(1, 16)
+        m.setup_caches(1, 40)
     with torch.no_grad():
-        logits = [m(prompt, torch.arange(9, device=DEVICE)) for m in (plain, fused)]
+        logits = [m(prompt[:, :27], torch.arange(27, device=DEVICE)) for m in (plain, fused)]
         assert torch.equal(logits[0], logits[1])  # prefill: untouched modules
-        step = [m(prompt[:, -1:], torch.tensor([9], device=DEVICE)) for m in (plain, fused)]
-    assert ((step[1] - step[0]).norm() / step[0].norm()).item() <= TOL
-
-
-def test_fuse_decode_leaves_int4_layers_and_their_norms_alone(hf_checkpoint, tmp_path):
-    from quantize import Int4Linear
-
-    _, path = hf_checkpoint("llama2")
-    model = fuse_decode(load_model(quantize_checkpoint(path, "int4", output=tmp_path / "q.pth", group_size=32),
-                                   DEVICE, DTYPE), use_kernel=True)
-    layer = model.layers[0]
-    assert isinstance(layer.attention.wqkv, Int4Linear) and isinstance(layer.attention_norm, RMSNorm)
-    assert not any(isinstance(m, DecodeLinear) for m in model.modules())  # (the output head is int4 too)
+        for pos in (27, 28, 29):  # each step reads the cache rows the steps before it wrote
+            step = [m(prompt[:, pos:pos + 1], torch.tensor([pos], device=DEVICE)) for m in (plain, fused)]
+            assert ((step[1] - step[0]).norm() / step[0].norm()).item() <= TOL

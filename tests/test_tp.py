@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT
 
 from generate import generate, load_model
-from kernels import DecodeLinear, fuse_decode
+from kernels import DecodeBlock, DecodeLinear, fuse_decode
 from model import ConfigError, ModelArgs, Transformer
 from quantize import quantize_checkpoint
 from speculative import speculative_generate
@@ -147,7 +147,7 @@ def compute(model: Transformer, draft) -> dict:
     sampled = generate(model, prompt, NEW_TOKENS, temperature=0.8, top_k=50)
     out = dict(logits=logits, greedy=greedy, sampled=sampled, kv_heads=model.layers[0].attention.kv_cache.k_cache.shape[1],
                sizes={name: t.numel() for name, t in model.state_dict().items()}, tied=model.args.tie_word_embeddings,
-               decode_linears=sum(isinstance(m, DecodeLinear) for m in model.modules()))
+               decode_modules=sum(isinstance(m, (DecodeBlock, DecodeLinear)) for m in model.modules()))
     if draft is not None:
         draft.setup_caches(1, prompt.numel() + NEW_TOKENS + SPECULATE_K)
         out["speculative"], _ = speculative_generate(model, draft, prompt, NEW_TOKENS, speculate_k=SPECULATE_K)
@@ -196,9 +196,9 @@ def test_each_rank_holds_its_share_of_the_weights_and_kv_cache(launched, checkpo
 
 
 def test_decode_kernels_take_the_shards_and_keep_their_all_reduce(launched):
-    # wqkv, wo, w13 and w2 of each of llama2's 2 layers, and the vocab-parallel head; the logits equal one process's
+    # llama2's 2 layers and the vocab-parallel head; the logits equal one process's
     # (test_logits_and_greedy_generation_equal_one_process), so the all-reduces and the gather still run
-    assert [got["llama2-int8-decode-kernels"]["decode_linears"] for got in launched[2]] == [9, 9]
+    assert [got["llama2-int8-decode-kernels"]["decode_modules"] for got in launched[2]] == [3, 3]
 
 
 # ------------------------------------------------------------------------------------------ the CLI
