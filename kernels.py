@@ -160,15 +160,16 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(qkv_ptr, rope_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, y_ptr, part_ptr, ml_ptr,
-                                 stride_ch, stride_cs, qk_scale, window, H: tl.constexpr, H_KV: tl.constexpr,
-                                 D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr):
+                                 stride_ch, stride_cs, window, QK_SCALE: tl.constexpr, H: tl.constexpr,
+                                 H_KV: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr,
+                                 SPLITS: tl.constexpr):
         """One query token's attention for query head program_id(0) over cache positions [split * CHUNK, (split + 1)
         * CHUNK) (split = program_id(1)), from the wqkv output row qkv [(H + 2 H_KV) D]: RoPE on q and k, the new k
         and v written to the cache at pos, then softmax(q K^T) V over the cached positions, split-KV as in
         flash-decoding (Dao et al. 2023, "Flash-Decoding for long-context inference"). The current position's score
         comes from registers, so no program reads the cache row that this launch writes. SPLITS = 1: y [H D] is
         the output; otherwise each split leaves its unnormalised sum [D] and (max, sum of weights) for
-        _attention_combine_kernel. Scores are in base 2 (qk_scale holds log2(e) / sqrt(D)); the sliding window
+        _attention_combine_kernel. Scores are in base 2 (QK_SCALE = log2(e) / sqrt(D)); the sliding window
         (window > 0) keeps positions j with pos - j < window."""
         head, split = tl.program_id(0), tl.program_id(1)
         kv_head = head // (H // H_KV)
@@ -179,8 +180,8 @@ if triton is not None:
         # q and k rotated in float32 and rounded to the cache's dtype, as the model's own path rounds them
         q_even = tl.load(qkv_ptr + head * D + 2 * half).to(tl.float32)
         q_odd = tl.load(qkv_ptr + head * D + 2 * half + 1).to(tl.float32)
-        q_even, q_odd = ((q_even * cos - q_odd * sin).to(dtype).to(tl.float32) * qk_scale,
-                         (q_odd * cos + q_even * sin).to(dtype).to(tl.float32) * qk_scale)
+        q_even, q_odd = ((q_even * cos - q_odd * sin).to(dtype).to(tl.float32) * QK_SCALE,
+                         (q_odd * cos + q_even * sin).to(dtype).to(tl.float32) * QK_SCALE)
         k_base = k_cache_ptr + kv_head * stride_ch
         v_base = v_cache_ptr + kv_head * stride_ch
         lo = split * CHUNK
@@ -342,8 +343,8 @@ def decode_attention(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor
     ml = torch.empty(splits, n_heads, 2, device=qkv.device, dtype=torch.float32) if splits > 1 else y
     _decode_attention_kernel[(n_heads, splits)](
         qkv.contiguous(), rope.contiguous(), k_cache, v_cache, input_pos, y, part, ml, k_cache.stride(1),
-        k_cache.stride(2), 1.4426950408889634 / head_dim ** 0.5, sliding_window or 0, H=n_heads, H_KV=n_kv_heads,
-        D=head_dim, CHUNK=chunk, BLOCK_S=ATTENTION_BLOCK_S, SPLITS=splits, num_warps=4)
+        k_cache.stride(2), sliding_window or 0, QK_SCALE=1.4426950408889634 / head_dim ** 0.5, H=n_heads,
+        H_KV=n_kv_heads, D=head_dim, CHUNK=chunk, BLOCK_S=ATTENTION_BLOCK_S, SPLITS=splits, num_warps=4)
     if splits > 1:
         _attention_combine_kernel[(n_heads,)](part, ml, y, H=n_heads, D=head_dim, SPLITS=splits,
                                               BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=1)
