@@ -89,19 +89,20 @@ def test_decode_attention_matches_rope_cache_write_and_sdpa(n_heads, n_kv_heads,
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
 
-@pytest.mark.parametrize("family,scheme", [("llama2", None), ("qwen2", None), ("llama3.2", None),
-                                           ("mistral", "int8"), ("llama3.1", "int4")])
-def test_fused_decode_model_gives_the_unfused_logits(family, scheme, hf_checkpoint, tmp_path):
+@pytest.mark.parametrize("family,scheme,pdl", [("llama2", None, False), ("qwen2", None, True), ("llama3.2", None, False),
+                                               ("mistral", "int8", True), ("llama3.1", "int4", False)])
+def test_fused_decode_model_gives_the_unfused_logits(family, scheme, pdl, hf_checkpoint, tmp_path):
     # Decode steps through the kernels (norms, SwiGLU and residual adds inside the GEMVs; RoPE, the cache write and
     # attention in one kernel) against the same weights unfused; several rows (prefill) must take the unchanged
     # modules. qwen2 has q/k/v biases, llama3.2 a tied head, mistral a sliding window (24) that the 30 positions
-    # pass; int4 linears keep their own forward inside the DecodeBlock.
+    # pass; int4 linears keep their own forward inside the DecodeBlock. pdl: the custom ops that launch the kernels
+    # (with programmatic dependent launch on a GPU).
     _, path = hf_checkpoint(family)
     if scheme:
         path = quantize_checkpoint(path, scheme, output=tmp_path / "q.pth", group_size=32)
     plain, fused = (load_model(path, DEVICE, DTYPE) for _ in range(2))
     keys = set(plain.state_dict())
-    fuse_decode(fused, use_kernel=True)
+    fuse_decode(fused, use_kernel=True, pdl=pdl)
     assert all(isinstance(layer, DecodeBlock) for layer in fused.layers)
     # the layers keep their keys; the head's move under the DecodeLinear
     assert {k.replace("output.linear.", "output.").replace("output.norm.", "norm.") for k in fused.state_dict()} == keys
@@ -117,3 +118,18 @@ def test_fused_decode_model_gives_the_unfused_logits(family, scheme, hf_checkpoi
         for pos in (27, 28, 29):  # each step reads the cache rows the steps before it wrote
             step = [m(prompt[:, pos:pos + 1], torch.tensor([pos], device=DEVICE)) for m in (plain, fused)]
             assert ((step[1] - step[0]).norm() / step[0].norm()).item() <= TOL
+
+
+def test_compiled_decode_through_the_custom_ops_equals_eager(hf_checkpoint):
+    # The pdl path's custom ops are opaque to torch.compile; decode_attention's writes into the KV cache buffers
+    # (declared mutations) must reach the buffers themselves, or the next steps would read stale rows.
+    from generate import compile_fns, generate
+
+    _, path = hf_checkpoint("mistral")
+    model = fuse_decode(load_model(path, DEVICE, DTYPE), use_kernel=True, pdl=True)
+    model.setup_caches(1, 16)
+    prompt = torch.randint(3, 320, (6,), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    eager = generate(model, prompt, 8, temperature=0.0)
+    torch._dynamo.reset()
+    prefill_fn, decode_fn = compile_fns(DEVICE)
+    assert generate(model, prompt, 8, temperature=0.0, prefill_fn=prefill_fn, decode_fn=decode_fn) == eager
