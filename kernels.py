@@ -48,6 +48,23 @@ if triton is not None:
         return x, squares
 
     @triton.jit
+    def _load_float_w(w_ptr, rn, n_ok, cols, K, stride_wn, EVEN_K: tl.constexpr):
+        """The [rows, cols] tile of float weights."""
+        if EVEN_K:
+            return tl.load(w_ptr + rn[:, None] * stride_wn + cols[None, :], mask=n_ok[:, None], other=0.0)
+        return tl.load(w_ptr + rn[:, None] * stride_wn + cols[None, :], mask=n_ok[:, None] & (cols < K)[None, :],
+                       other=0.0)
+
+    @triton.jit
+    def _await_previous_kernel(PDL: tl.constexpr):
+        """Under programmatic dependent launch a kernel starts before the one ahead of it in the stream has finished:
+        wait for it (and its writes) before reading activations or writing anything, then let the next kernel's
+        programs start arriving. Without PDL, nothing."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
     def _gemv_kernel(x_ptr, g_ptr, w_ptr, s_ptr, o_ptr, r_ptr, y_ptr, ss_ptr, N, K: tl.constexpr, row_words,
                      stride_wn, stride_sn, k_per_split, eps, BITS: tl.constexpr, GROUP: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PROLOGUE: tl.constexpr,
@@ -63,9 +80,6 @@ if triton is not None:
         f = 1 + u / 2^BITS with two integer ops, no int-to-float conversion (a slow instruction). Then u * s + o
         = f * (2^BITS s) + (o - 2^BITS s), so a group adds 2^BITS s * sum(x f) + (o - 2^BITS s) * sum(x): one
         multiply-add per weight, the scales applied once per group. int8 stores b = u - 128."""
-        if PDL:  # launched early (programmatic dependent launch): wait until the kernel before is done
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()  # and let the next kernel's programs start arriving
         pid_n, split = tl.program_id(0), tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
@@ -75,21 +89,24 @@ if triton is not None:
             k_start = split * k_per_split
             k_end = tl.minimum(k_start + k_per_split, (K + BLOCK_K - 1) // BLOCK_K * BLOCK_K)
         if BITS == 0:
-            # float weights: a [BLOCK_N, BLOCK_K] float32 tile of products, reduced once at the end
-            acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for k0 in range(k_start, k_end, BLOCK_K):
+            # float weights: a [BLOCK_N, BLOCK_K] float32 tile of products, reduced once at the end. The first
+            # block of weights is asked for before waiting on the kernel before (no kernel writes weights), so
+            # under PDL its loads overlap that kernel's last moments.
+            cols = k_start + tl.arange(0, BLOCK_K)
+            first_even: tl.constexpr = EVEN_K and SPLIT_K == 1  # (a last split may start past K: masked)
+            w = _load_float_w(w_ptr, rn, n_ok, cols, K, stride_wn, first_even)
+            _await_previous_kernel(PDL)
+            x, ss = _load_x(x_ptr, g_ptr, cols, K, first_even, PROLOGUE)
+            acc2 = w.to(tl.float32) * x[None, :]
+            for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
                 cols = k0 + tl.arange(0, BLOCK_K)
                 x, sq = _load_x(x_ptr, g_ptr, cols, K, EVEN_K, PROLOGUE)
-                if EVEN_K:
-                    w = tl.load(w_ptr + rn[:, None] * stride_wn + cols[None, :], mask=n_ok[:, None], other=0.0)
-                else:
-                    w = tl.load(w_ptr + rn[:, None] * stride_wn + cols[None, :],
-                                mask=n_ok[:, None] & (cols < K)[None, :], other=0.0)
+                w = _load_float_w(w_ptr, rn, n_ok, cols, K, stride_wn, EVEN_K)
                 acc2 += w.to(tl.float32) * x[None, :]
                 ss += sq
             acc = tl.sum(acc2, axis=1)
         else:
+            _await_previous_kernel(PDL)
             PER_WORD: tl.constexpr = 32 // BITS
             WORDS: tl.constexpr = BLOCK_K // PER_WORD
             MANTISSA: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
@@ -174,9 +191,7 @@ if triton is not None:
         the output; otherwise each split leaves its unnormalised sum [D] and (max, sum of weights) for
         _attention_combine_kernel. Scores are in base 2 (QK_SCALE = log2(e) / sqrt(D)); the sliding window
         (window > 0) keeps positions j with pos - j < window."""
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        _await_previous_kernel(PDL)
         head, split = tl.program_id(0), tl.program_id(1)
         kv_head = head // (H // H_KV)
         pos = tl.load(pos_ptr).to(tl.int32)
@@ -239,9 +254,7 @@ if triton is not None:
                                   SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr):
         """y[head] = the splits' partial sums weighted by exp2(their max - the overall max), over the weights' sum.
         A split with no position in range left max -inf and sum 0: its weight is 0."""
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        _await_previous_kernel(PDL)
         head = tl.program_id(0)
         splits = tl.arange(0, BLOCK_SPLITS)
         ok = splits < SPLITS
@@ -337,34 +350,32 @@ def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, grou
     return y
 
 
-ATTENTION_BLOCK_S = 64  # cached positions per loop step of a program
-
-
-def attention_chunk(max_seq_length: int) -> int:
-    """Cache positions per program of decode_attention: one program per head up to 256 positions, longer caches
-    split into at most 64 chunks (flash-decoding) of a power of two positions each."""
-    return max(256, triton.next_power_of_2(triton.cdiv(max_seq_length, 64)))
+def attention_config(max_seq_length: int) -> dict:
+    """decode_attention's cache positions per program (CHUNK), per loop step (BLOCK_S) and warps: one program per
+    head up to 256 positions, longer caches split into at most 64 chunks (flash-decoding) of a power of two
+    positions each."""
+    return dict(CHUNK=max(256, triton.next_power_of_2(triton.cdiv(max_seq_length, 64))), BLOCK_S=64, num_warps=4)
 
 
 def decode_attention(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, n_heads: int,
-                     n_kv_heads: int, sliding_window: Optional[int] = None, pdl: bool = False) -> Tensor:
+                     n_kv_heads: int, sliding_window: Optional[int] = None, pdl: bool = False,
+                     config: Optional[dict] = None) -> Tensor:
     """Attention of one new token, from the wqkv output qkv [1, (n_heads + 2 n_kv_heads) head_dim] at position
     input_pos [1]: RoPE (rope [1, head_dim/2, 2], interleaved pairs), k and v written into the caches [1, n_kv_heads,
     max_seq, head_dim] at input_pos, attention over positions 0..input_pos (the last sliding_window of them)
     -> [1, n_heads head_dim], in qkv's dtype. What model.Attention computes for one row, in one or two kernels.
-    pdl: as gemv's."""
+    pdl: as gemv's; config: attention_config's keys."""
     pdl = pdl and qkv.is_cuda
     head_dim, max_seq = k_cache.shape[-1], k_cache.shape[2]
-    chunk = attention_chunk(max_seq)
-    splits = triton.cdiv(max_seq, chunk)
+    config = config or attention_config(max_seq)
+    splits = triton.cdiv(max_seq, config["CHUNK"])
     y = torch.empty(1, n_heads * head_dim, device=qkv.device, dtype=qkv.dtype)
     part = torch.empty(splits, n_heads, head_dim, device=qkv.device, dtype=torch.float32) if splits > 1 else y
     ml = torch.empty(splits, n_heads, 2, device=qkv.device, dtype=torch.float32) if splits > 1 else y
     _decode_attention_kernel[(n_heads, splits)](
         qkv.contiguous(), rope.contiguous(), k_cache, v_cache, input_pos, y, part, ml, k_cache.stride(1),
         k_cache.stride(2), sliding_window or 0, QK_SCALE=1.4426950408889634 / head_dim ** 0.5, H=n_heads,
-        H_KV=n_kv_heads, D=head_dim, CHUNK=chunk, BLOCK_S=ATTENTION_BLOCK_S, SPLITS=splits, PDL=pdl, num_warps=4,
-        **launch_options(pdl))
+        H_KV=n_kv_heads, D=head_dim, SPLITS=splits, PDL=pdl, **config, **launch_options(pdl))
     if splits > 1:
         _attention_combine_kernel[(n_heads,)](part, ml, y, H=n_heads, D=head_dim, SPLITS=splits,
                                               BLOCK_SPLITS=triton.next_power_of_2(splits), PDL=pdl, num_warps=1,

@@ -43,7 +43,7 @@ from generate import (DTYPES, compile_fns, generate, kv_cache_bytes, peak_memory
                       weight_bytes_per_token)
 from speculative import acceptance_stats, compile_speculative_round, format_stats, speculative_generate  # noqa: E402
 from model import FeedForward, ModelArgs, Transformer, causal_mask  # noqa: E402
-from kernels import fuse_decode, gemv, gemv_config, int4_config, int4_matmul, int8_gemv  # noqa: E402
+from kernels import decode_attention, fuse_decode, gemv, gemv_config, int4_config, int4_matmul, int8_gemv  # noqa: E402
 from quantize import (INT4_GROUP_SIZES, SCHEMES, Int4Linear, Int8Linear, make_scheme, quantizable_linears,  # noqa: E402
                       quantize_int4, quantize_int8, quantize_state_dict, swap_linears)
 from tp import (apply_tp, env_world, init_distributed, rank0_output, shutdown_distributed, tp_problem,  # noqa: E402
@@ -428,6 +428,14 @@ def attention_microbench(device: torch.device, dtype: torch.dtype, seq: int = 21
             enable(on)
         inductor_config.fx_graph_cache = cache_setting
         torch._dynamo.reset()
+    # ours (kernels.decode_attention: RoPE, the cache write and attention from the wqkv output) at a few configs
+    qkv = torch.randn(1, 96 * 128, device=device, dtype=dtype)
+    rope = torch.randn(1, 64, 2, device=device)
+    pos = torch.tensor([seq // 2], device=device)
+    for chunk, block_s, warps in ((256, 64, 4), (256, 128, 8), (256, 32, 4), (64, 64, 4), (32, 32, 2)):
+        config = dict(CHUNK=chunk, BLOCK_S=block_s, num_warps=warps)
+        result[f"ours chunk {chunk} block {block_s} warps {warps}"] = 1e3 * graph_ms_per_call(
+            [lambda kv=kv: decode_attention(qkv, rope, *kv, pos, 32, 32, config=config) for kv in caches], device)
     log("attention per decode layer (us): " + ", ".join(f"{k} {v:.1f}" for k, v in result.items()))
     return dict(kind="attention_microbench", seq=seq, us=result)
 

@@ -100,7 +100,7 @@ def test_fused_decode_model_gives_the_unfused_logits(family, scheme, pdl, hf_che
     _, path = hf_checkpoint(family)
     if scheme:
         path = quantize_checkpoint(path, scheme, output=tmp_path / "q.pth", group_size=32)
-    plain, fused = (load_model(path, DEVICE, DTYPE) for _ in range(2))
+    plain, fused = (load_model(path, DEVICE, DTYPE, decode_kernels=False) for _ in range(2))
     keys = set(plain.state_dict())
     fuse_decode(fused, use_kernel=True, pdl=pdl)
     assert all(isinstance(layer, DecodeBlock) for layer in fused.layers)
@@ -126,7 +126,7 @@ def test_compiled_decode_through_the_custom_ops_equals_eager(hf_checkpoint):
     from generate import compile_fns, generate
 
     _, path = hf_checkpoint("mistral")
-    model = fuse_decode(load_model(path, DEVICE, DTYPE), use_kernel=True, pdl=True)
+    model = fuse_decode(load_model(path, DEVICE, DTYPE, decode_kernels=False), use_kernel=True, pdl=True)
     model.setup_caches(1, 16)
     prompt = torch.randint(3, 320, (6,), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     eager = generate(model, prompt, 8, temperature=0.0)
