@@ -48,27 +48,10 @@ if triton is not None:
         return x, squares
 
     @triton.jit
-    def _load_float_w(w_ptr, rn, n_ok, cols, K, stride_wn, EVEN_K: tl.constexpr):
-        """The [rows, cols] tile of float weights."""
-        if EVEN_K:
-            return tl.load(w_ptr + rn[:, None] * stride_wn + cols[None, :], mask=n_ok[:, None], other=0.0)
-        return tl.load(w_ptr + rn[:, None] * stride_wn + cols[None, :], mask=n_ok[:, None] & (cols < K)[None, :],
-                       other=0.0)
-
-    @triton.jit
-    def _await_previous_kernel(PDL: tl.constexpr):
-        """Under programmatic dependent launch a kernel starts before the one ahead of it in the stream has finished:
-        wait for it (and its writes) before reading activations or writing anything, then let the next kernel's
-        programs start arriving. Without PDL, nothing."""
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-
-    @triton.jit
     def _gemv_kernel(x_ptr, g_ptr, w_ptr, s_ptr, o_ptr, r_ptr, y_ptr, ss_ptr, N, K: tl.constexpr, row_words,
                      stride_wn, stride_sn, k_per_split, eps, BITS: tl.constexpr, GROUP: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PROLOGUE: tl.constexpr,
-                     SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+                     SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr):
         """y[split, N] = W @ prologue(x) over this split's share of K, for one row x (decode); RESIDUAL (SPLIT_K = 1
         only): y = r + W @ prologue(x), the residual stream's add done before the one rounding to y's dtype.
         BITS = 0: float weights [N, K]. BITS = 4: int4 with a scale and offset per GROUP columns (BLOCK_K <=
@@ -89,24 +72,21 @@ if triton is not None:
             k_start = split * k_per_split
             k_end = tl.minimum(k_start + k_per_split, (K + BLOCK_K - 1) // BLOCK_K * BLOCK_K)
         if BITS == 0:
-            # float weights: a [BLOCK_N, BLOCK_K] float32 tile of products, reduced once at the end. The first
-            # block of weights is asked for before waiting on the kernel before (no kernel writes weights), so
-            # under PDL its loads overlap that kernel's last moments.
-            cols = k_start + tl.arange(0, BLOCK_K)
-            first_even: tl.constexpr = EVEN_K and SPLIT_K == 1  # (a last split may start past K: masked)
-            w = _load_float_w(w_ptr, rn, n_ok, cols, K, stride_wn, first_even)
-            _await_previous_kernel(PDL)
-            x, ss = _load_x(x_ptr, g_ptr, cols, K, first_even, PROLOGUE)
-            acc2 = w.to(tl.float32) * x[None, :]
-            for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
+            # float weights: a [BLOCK_N, BLOCK_K] float32 tile of products, reduced once at the end
+            acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(k_start, k_end, BLOCK_K):
                 cols = k0 + tl.arange(0, BLOCK_K)
                 x, sq = _load_x(x_ptr, g_ptr, cols, K, EVEN_K, PROLOGUE)
-                w = _load_float_w(w_ptr, rn, n_ok, cols, K, stride_wn, EVEN_K)
+                if EVEN_K:
+                    w = tl.load(w_ptr + rn[:, None] * stride_wn + cols[None, :], mask=n_ok[:, None], other=0.0)
+                else:
+                    w = tl.load(w_ptr + rn[:, None] * stride_wn + cols[None, :],
+                                mask=n_ok[:, None] & (cols < K)[None, :], other=0.0)
                 acc2 += w.to(tl.float32) * x[None, :]
                 ss += sq
             acc = tl.sum(acc2, axis=1)
         else:
-            _await_previous_kernel(PDL)
             PER_WORD: tl.constexpr = 32 // BITS
             WORDS: tl.constexpr = BLOCK_K // PER_WORD
             MANTISSA: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
@@ -182,7 +162,7 @@ if triton is not None:
     def _decode_attention_kernel(qkv_ptr, rope_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, y_ptr, part_ptr, ml_ptr,
                                  stride_ch, stride_cs, window, QK_SCALE: tl.constexpr, H: tl.constexpr,
                                  H_KV: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr,
-                                 SPLITS: tl.constexpr, PDL: tl.constexpr):
+                                 SPLITS: tl.constexpr):
         """One query token's attention for query head program_id(0) over cache positions [split * CHUNK, (split + 1)
         * CHUNK) (split = program_id(1)), from the wqkv output row qkv [(H + 2 H_KV) D]: RoPE on q and k, the new k
         and v written to the cache at pos, then softmax(q K^T) V over the cached positions, split-KV as in
@@ -191,7 +171,6 @@ if triton is not None:
         the output; otherwise each split leaves its unnormalised sum [D] and (max, sum of weights) for
         _attention_combine_kernel. Scores are in base 2 (QK_SCALE = log2(e) / sqrt(D)); the sliding window
         (window > 0) keeps positions j with pos - j < window."""
-        _await_previous_kernel(PDL)
         head, split = tl.program_id(0), tl.program_id(1)
         kv_head = head // (H // H_KV)
         pos = tl.load(pos_ptr).to(tl.int32)
@@ -251,10 +230,9 @@ if triton is not None:
 
     @triton.jit
     def _attention_combine_kernel(part_ptr, ml_ptr, y_ptr, H: tl.constexpr, D: tl.constexpr,
-                                  SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr):
+                                  SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
         """y[head] = the splits' partial sums weighted by exp2(their max - the overall max), over the weights' sum.
         A split with no position in range left max -inf and sum 0: its weight is 0."""
-        _await_previous_kernel(PDL)
         head = tl.program_id(0)
         splits = tl.arange(0, BLOCK_SPLITS)
         ok = splits < SPLITS
@@ -265,12 +243,6 @@ if triton is not None:
                        other=0.0)  # [BLOCK_SPLITS, D]
         y = tl.sum(part * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
         tl.store(y_ptr + head * D + tl.arange(0, D), y.to(y_ptr.dtype.element_ty))
-
-
-def launch_options(pdl: bool) -> dict:
-    """Triton launch options for programmatic dependent launch (Hopper and newer): the kernel may start while the
-    one before it in the stream is finishing, and waits for it (gdc_wait) before touching memory that it wrote."""
-    return dict(launch_pdl=True) if pdl else {}
 
 
 def gemv_config(bits: int, n: int, k: int, group_size: int = 128) -> dict:
@@ -288,13 +260,11 @@ def gemv_config(bits: int, n: int, k: int, group_size: int = 128) -> dict:
 def gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, offsets: Optional[Tensor] = None, *,
          bits: int = 0, group_size: Optional[int] = None, config: Optional[dict] = None,
          prologue: Optional[str] = None, norm_weight: Optional[Tensor] = None, eps: float = 0.0,
-         residual: Optional[Tensor] = None, pdl: bool = False) -> Tensor:
+         residual: Optional[Tensor] = None) -> Tensor:
     """One row x [1, K] (swiglu: [1, 2K]) times weight.T (plus residual [1, N]) -> [1, N] with _gemv_kernel.
     weight: float [N, K] (bits 0), int8 [N, K] (bits 8, scales [N]) or int4 packed uint8 [N, Kp/2] (bits 4,
-    scales and offsets [N, Kp/group_size]). prologue: None, "rmsnorm" (norm_weight, eps) or "swiglu".
-    pdl: launch with programmatic dependent launch (CUDA; see pdl_gemv for calls under torch.compile)."""
+    scales and offsets [N, Kp/group_size]). prologue: None, "rmsnorm" (norm_weight, eps) or "swiglu"."""
     x = x.contiguous()
-    pdl = pdl and x.is_cuda
     n = weight.shape[0]
     k = x.shape[1] // 2 if prologue == "swiglu" else x.shape[1]
     config = dict(config or gemv_config(bits, n, k, group_size or 128))
@@ -312,7 +282,7 @@ def gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, offsets: Op
         w if offsets is None else offsets, y if residual is None or split > 1 else residual, y, ss, n, k, w.shape[1],
         w.stride(0), scale_stride, k_per_split, eps, BITS=bits, GROUP=group_size or 1,
         EVEN_K=k % config["BLOCK_K"] == 0, PROLOGUE=PROLOGUES[prologue], SPLIT_K=split,
-        RESIDUAL=residual is not None and split == 1, PDL=pdl, **config, **launch_options(pdl))
+        RESIDUAL=residual is not None and split == 1, **config)
     if split == 1:
         return y
     y = y.sum(0, keepdim=True)
@@ -351,21 +321,19 @@ def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, grou
 
 
 def attention_config(max_seq_length: int) -> dict:
-    """decode_attention's cache positions per program (CHUNK), per loop step (BLOCK_S) and warps: one program per
-    head up to 256 positions, longer caches split into at most 64 chunks (flash-decoding) of a power of two
-    positions each."""
-    return dict(CHUNK=max(256, triton.next_power_of_2(triton.cdiv(max_seq_length, 64))), BLOCK_S=64, num_warps=4)
+    """decode_attention's cache positions per program (CHUNK), per loop step (BLOCK_S) and warps: chunks of 32
+    positions (the fastest of the configs `scripts/bench.py --attention_microbench` times on an H200 at 216
+    positions), longer caches at most 64 chunks (flash-decoding) of a power of two positions each."""
+    return dict(CHUNK=max(32, triton.next_power_of_2(triton.cdiv(max_seq_length, 64))), BLOCK_S=32, num_warps=2)
 
 
 def decode_attention(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, n_heads: int,
-                     n_kv_heads: int, sliding_window: Optional[int] = None, pdl: bool = False,
-                     config: Optional[dict] = None) -> Tensor:
+                     n_kv_heads: int, sliding_window: Optional[int] = None, config: Optional[dict] = None) -> Tensor:
     """Attention of one new token, from the wqkv output qkv [1, (n_heads + 2 n_kv_heads) head_dim] at position
     input_pos [1]: RoPE (rope [1, head_dim/2, 2], interleaved pairs), k and v written into the caches [1, n_kv_heads,
     max_seq, head_dim] at input_pos, attention over positions 0..input_pos (the last sliding_window of them)
     -> [1, n_heads head_dim], in qkv's dtype. What model.Attention computes for one row, in one or two kernels.
-    pdl: as gemv's; config: attention_config's keys."""
-    pdl = pdl and qkv.is_cuda
+    config: attention_config's keys."""
     head_dim, max_seq = k_cache.shape[-1], k_cache.shape[2]
     config = config or attention_config(max_seq)
     splits = triton.cdiv(max_seq, config["CHUNK"])
@@ -375,11 +343,10 @@ def decode_attention(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor
     _decode_attention_kernel[(n_heads, splits)](
         qkv.contiguous(), rope.contiguous(), k_cache, v_cache, input_pos, y, part, ml, k_cache.stride(1),
         k_cache.stride(2), sliding_window or 0, QK_SCALE=1.4426950408889634 / head_dim ** 0.5, H=n_heads,
-        H_KV=n_kv_heads, D=head_dim, SPLITS=splits, PDL=pdl, **config, **launch_options(pdl))
+        H_KV=n_kv_heads, D=head_dim, SPLITS=splits, **config)
     if splits > 1:
         _attention_combine_kernel[(n_heads,)](part, ml, y, H=n_heads, D=head_dim, SPLITS=splits,
-                                              BLOCK_SPLITS=triton.next_power_of_2(splits), PDL=pdl, num_warps=1,
-                                              **launch_options(pdl))
+                                              BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4)
     return y
 
 
@@ -388,55 +355,19 @@ def int8_gemv(x: Tensor, weight: Tensor, scales: Tensor, config: Optional[dict] 
     return gemv(x, weight, scales, bits=8, config=config)
 
 
-# Under torch.compile a Triton kernel called from Python is traced and launched by inductor, which has no way to
-# pass launch_pdl; these two custom ops, opaque to the compiler, launch gemv and decode_attention themselves with
-# programmatic dependent launch (and are captured into the CUDA graph like any kernel).
-
-@torch.library.custom_op("llama_fast::gemv_pdl", mutates_args=())
-def _gemv_pdl_op(x: Tensor, weight: Tensor, scales: Optional[Tensor], offsets: Optional[Tensor], bits: int,
-                 group_size: int, prologue: str, norm_weight: Optional[Tensor], eps: float,
-                 residual: Optional[Tensor]) -> Tensor:
-    return gemv(x, weight, scales, offsets, bits=bits, group_size=group_size or None, prologue=prologue or None,
-                norm_weight=norm_weight, eps=eps, residual=residual, pdl=True)
-
-
-@_gemv_pdl_op.register_fake
-def _(x, weight, scales, offsets, bits, group_size, prologue, norm_weight, eps, residual):
-    return x.new_empty(1, weight.shape[0])
-
-
-@torch.library.custom_op("llama_fast::decode_attention_pdl", mutates_args=("k_cache", "v_cache"))
-def _decode_attention_pdl_op(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor,
-                             n_heads: int, n_kv_heads: int, sliding_window: int) -> Tensor:
-    return decode_attention(qkv, rope, k_cache, v_cache, input_pos, n_heads, n_kv_heads, sliding_window, pdl=True)
-
-
-@_decode_attention_pdl_op.register_fake
-def _(qkv, rope, k_cache, v_cache, input_pos, n_heads, n_kv_heads, sliding_window):
-    return qkv.new_empty(1, n_heads * k_cache.shape[-1])
-
-
-def pdl_gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, offsets: Optional[Tensor] = None, *,
-             bits: int = 0, group_size: Optional[int] = None, prologue: Optional[str] = None,
-             norm_weight: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None) -> Tensor:
-    """gemv (default config) with programmatic dependent launch, callable under torch.compile."""
-    return _gemv_pdl_op(x, weight, scales, offsets, bits, group_size or 0, prologue or "", norm_weight, eps, residual)
-
-
 # ------------------------------------------------------------------------------------------- module swap
 
-def linear_gemv(x: Tensor, linear: nn.Module, pdl: bool = False, **kw) -> Tensor:
-    """gemv (pdl: pdl_gemv) on whatever weights `linear` holds (nn.Linear, quantize.Int8Linear or Int4Linear), plus
-    its bias. kw: gemv's prologue arguments and residual (a linear with a bias adds it after the bias)."""
+def linear_gemv(x: Tensor, linear: nn.Module, **kw) -> Tensor:
+    """gemv on whatever weights `linear` holds (nn.Linear, quantize.Int8Linear or Int4Linear), plus its bias.
+    kw: gemv's prologue arguments and residual (a linear with a bias adds it after the bias)."""
     residual = kw.pop("residual", None) if linear.bias is not None else None
-    launch = pdl_gemv if pdl else gemv
     w = linear.weight
     if w.dtype == torch.int8:
-        y = launch(x, w, linear.scales, bits=8, **kw)
+        y = gemv(x, w, linear.scales, bits=8, **kw)
     elif w.dtype == torch.uint8:
-        y = launch(x, w, linear.scales, linear.offsets, bits=4, group_size=linear.group_size, **kw)
+        y = gemv(x, w, linear.scales, linear.offsets, bits=4, group_size=linear.group_size, **kw)
     else:
-        y = launch(x, w, **kw)
+        y = gemv(x, w, **kw)
     if linear.bias is not None:
         y = y + linear.bias
     return y if residual is None else y + residual
@@ -452,17 +383,16 @@ def takes_prologue(linear: nn.Module) -> bool:
 
 
 def project(x: Tensor, linear: nn.Module, norm: Optional[nn.Module] = None, swiglu: bool = False,
-            residual: Optional[Tensor] = None, pdl: bool = False) -> Tensor:
+            residual: Optional[Tensor] = None) -> Tensor:
     """linear(op(x)) + residual for one row x [1, K], op the RMSNorm `norm`, or (swiglu) silu(gate) * up of x =
     [gate | up], or nothing. Folded into one GEMV kernel where takes_prologue(linear); the residual add is folded in
-    too unless forward hooks (tensor parallelism's all-reduce or gather) must see the product first. pdl: that
-    kernel launched with programmatic dependent launch."""
+    too unless forward hooks (tensor parallelism's all-reduce or gather) must see the product first."""
     if takes_prologue(linear):
         hooks = list(linear._forward_hooks.values())
         kw = dict(prologue="swiglu" if swiglu else None)
         if norm is not None:
             kw = dict(prologue="rmsnorm", norm_weight=norm.weight, eps=norm.eps)
-        y = linear_gemv(x, linear, pdl, residual=None if hooks else residual, **kw)
+        y = linear_gemv(x, linear, residual=None if hooks else residual, **kw)
         for hook in hooks:
             y = hook(linear, (x,), y)
         return y + residual if hooks and residual is not None else y
@@ -479,51 +409,48 @@ class DecodeLinear(nn.Module):
     """`linear` after the RMSNorm `norm` (the output head), the two in one GEMV kernel when the input is one row;
     otherwise the plain modules."""
 
-    def __init__(self, linear: nn.Module, norm: nn.Module, pdl: bool = False):
+    def __init__(self, linear: nn.Module, norm: nn.Module):
         super().__init__()
-        self.linear, self.norm, self.pdl = linear, norm, pdl
+        self.linear, self.norm = linear, norm
 
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() == x.shape[-1]:
-            return project(x.reshape(1, -1), self.linear, self.norm, pdl=self.pdl).view(*x.shape[:-1], -1)
+            return project(x.reshape(1, -1), self.linear, self.norm).view(*x.shape[:-1], -1)
         return self.linear(self.norm(x))
 
 
 class DecodeBlock(TransformerBlock):
     """A TransformerBlock (the same modules, so the same state-dict keys) whose one-token step is five kernels:
     RMSNorm + wqkv, attention (RoPE, the cache write, split-KV softmax), wo + the residual add, RMSNorm + w13,
-    SwiGLU + w2 + the residual add. Several tokens (prefill, speculative verify) run TransformerBlock.forward.
-    pdl: the kernels launched with programmatic dependent launch, each one's start overlapping the last one's end."""
+    SwiGLU + w2 + the residual add. Several tokens (prefill, speculative verify) run TransformerBlock.forward."""
 
-    def __init__(self, block: TransformerBlock, sliding_window: Optional[int], pdl: bool = False):
+    def __init__(self, block: TransformerBlock, sliding_window: Optional[int]):
         nn.Module.__init__(self)
         self.attention, self.feed_forward = block.attention, block.feed_forward
         self.attention_norm, self.ffn_norm = block.attention_norm, block.ffn_norm
-        self.sliding_window, self.pdl = sliding_window, pdl
+        self.sliding_window = sliding_window
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Optional[Tensor]) -> Tensor:
         attention, ff = self.attention, self.feed_forward
         if x.shape[0] * x.shape[1] != 1 or input_pos is None or attention.kv_cache is None:
             return super().forward(x, rope, mask, input_pos)
-        pdl, cache = self.pdl, attention.kv_cache
         x = x.view(1, -1)  # [1, dim]
-        qkv = project(x, attention.wqkv, self.attention_norm, pdl=pdl)  # [1, (n_heads + 2 n_kv_heads) head_dim]
-        attend = _decode_attention_pdl_op if pdl else decode_attention
-        y = attend(qkv, rope, cache.k_cache, cache.v_cache, input_pos, attention.n_heads, attention.n_kv_heads,
-                   self.sliding_window or 0)  # [1, n_heads head_dim]
-        h = project(y, attention.wo, residual=x, pdl=pdl)
-        u = project(h, ff.w13, self.ffn_norm, pdl=pdl)  # [1, 2 intermediate]: [gate | up]
-        return project(u, ff.w2, swiglu=True, residual=h, pdl=pdl).view(1, 1, -1)
+        qkv = project(x, attention.wqkv, self.attention_norm)  # [1, (n_heads + 2 n_kv_heads) head_dim]
+        cache = attention.kv_cache
+        y = decode_attention(qkv, rope, cache.k_cache, cache.v_cache, input_pos, attention.n_heads,
+                             attention.n_kv_heads, self.sliding_window)  # [1, n_heads head_dim]
+        h = project(y, attention.wo, residual=x)
+        u = project(h, ff.w13, self.ffn_norm)  # [1, 2 intermediate]: [gate | up]
+        return project(u, ff.w2, swiglu=True, residual=h).view(1, 1, -1)
 
 
-def fuse_decode(model: Transformer, use_kernel: Optional[bool] = None, pdl: bool = False) -> Transformer:
+def fuse_decode(model: Transformer, use_kernel: Optional[bool] = None) -> Transformer:
     """Run the model's one-token decode step on this file's kernels, by swapping modules in place (after the weights
     are loaded): each TransformerBlock becomes a DecodeBlock, the final RMSNorm and output head a DecodeLinear.
     Tensor parallel shards keep their forward hooks (the all-reduce, the gather); int4 linears keep their own
     forward (takes_prologue). use_kernel defaults to: on CUDA with Triton; set it True on CPU only under
     TRITON_INTERPRET=1 (tests). Blocks whose sizes the kernels do not take (head_dim not a power of two, widths not
-    multiples of 8) are left as they are. pdl: the kernels launch with programmatic dependent launch (through
-    custom ops under torch.compile; on CUDA only, elsewhere the same ops without it)."""
+    multiples of 8, a batched cache) are left as they are."""
     if use_kernel is None:
         use_kernel = triton is not None and model.output.weight.is_cuda
     if not use_kernel:
@@ -532,7 +459,7 @@ def fuse_decode(model: Transformer, use_kernel: Optional[bool] = None, pdl: bool
     hd = args.head_dim
     if hd & (hd - 1) == 0 and hd >= 4 and args.dim % 8 == 0 and args.intermediate_size % 8 == 0:
         for i, layer in enumerate(model.layers):
-            model.layers[i] = DecodeBlock(layer, args.sliding_window, pdl)
+            model.layers[i] = DecodeBlock(layer, args.sliding_window)
     if takes_prologue(model.output) and args.dim % 8 == 0:
-        model.output, model.norm = DecodeLinear(model.output, model.norm, pdl), nn.Identity()
+        model.output, model.norm = DecodeLinear(model.output, model.norm), nn.Identity()
     return model

@@ -432,7 +432,7 @@ def attention_microbench(device: torch.device, dtype: torch.dtype, seq: int = 21
     qkv = torch.randn(1, 96 * 128, device=device, dtype=dtype)
     rope = torch.randn(1, 64, 2, device=device)
     pos = torch.tensor([seq // 2], device=device)
-    for chunk, block_s, warps in ((256, 64, 4), (256, 128, 8), (256, 32, 4), (64, 64, 4), (32, 32, 2)):
+    for chunk, block_s, warps in ((256, 64, 4), (64, 64, 4), (32, 32, 2), (32, 32, 1), (16, 16, 1)):
         config = dict(CHUNK=chunk, BLOCK_S=block_s, num_warps=warps)
         result[f"ours chunk {chunk} block {block_s} warps {warps}"] = 1e3 * graph_ms_per_call(
             [lambda kv=kv: decode_attention(qkv, rope, *kv, pos, 32, 32, config=config) for kv in caches], device)
@@ -551,8 +551,8 @@ def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_
     model = build_model(args, device, DTYPES[a.precision], quantization, a.groupsize, a.rank, a.world_size,
                         a.vocab_parallel_output, symmetric_memory=allreduce == "symm")
     symm = any(getattr(m, "symm", None) is not None for m in model.modules())
-    if decode_kernels != "off":
-        fuse_decode(model, pdl=decode_kernels == "pdl")
+    if decode_kernels == "on":
+        fuse_decode(model)
     model.setup_caches(a.batch_size, a.prompt_len + a.max_new_tokens)
     kw = dict(temperature=0.0, stop_ids=())  # greedy; no stop tokens, so every run decodes max_new_tokens
     if a.compile:
@@ -609,8 +609,8 @@ def bench_speculative(name: str, a: argparse.Namespace, device: torch.device, qu
         make_predictable(target, successor)
         make_predictable(draft, successor)
         draft_output = draft.output.weight  # rewritten in place per agreement: captured graphs keep its address
-    if a.decode_kernels[0] != "off":
-        fuse_decode(target, pdl=a.decode_kernels[0] == "pdl"), fuse_decode(draft, pdl=a.decode_kernels[0] == "pdl")
+    if a.decode_kernels[0] == "on":
+        fuse_decode(target), fuse_decode(draft)
     for model in (target, draft):
         model.setup_caches(1, a.prompt_len + a.max_new_tokens + k)
     kw = dict(temperature=0.0, stop_ids=())  # no stop tokens: every run decodes max_new_tokens
@@ -686,7 +686,7 @@ def profile_decode(model, prompt, kw, device, steps: int = 21, top: int = 24):
 def label(record: dict) -> str:
     q, world = record.get("quantization", "none"), record.get("world_size", 1)
     return (record["model"] + ("" if q == "none" else f" {q}") + (f" g{record['group_size']}" if record.get("group_size") else "")
-            + (f" tp{world}" if world > 1 else "") + {"off": " unfused", "pdl": " pdl"}.get(record.get("decode_kernels"), "")
+            + (f" tp{world}" if world > 1 else "") + (" unfused" if record.get("decode_kernels") == "off" else "")
             + (" nccl" if record.get("allreduce") == "nccl" else ""))
 
 
@@ -859,9 +859,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gemv_sweep", action="store_true", help="sweep the float decode GEMV's block sizes")
     p.add_argument("--int4_sweep", action="store_true", help="sweep the int4 decode kernel's block sizes")
     p.add_argument("--profile", action="store_true", help="print the decode step's kernels by device time")
-    p.add_argument("--decode_kernels", action="append", choices=["on", "pdl", "off"],
-                   help="kernels.py's decode layer (CUDA; pdl: its kernels launched with programmatic dependent "
-                        "launch) or inductor's kernels (off); repeat to compare (default: on)")
+    p.add_argument("--decode_kernels", action="append", choices=["on", "off"],
+                   help="kernels.py's decode layer (CUDA) or inductor's kernels (off); repeat to compare (default: on)")
     p.add_argument("--sdpa", choices=["default", "cudnn", "efficient", "math"], default="default",
                    help="allow only this scaled_dot_product_attention backend (default: torch's choice)")
     p.add_argument("--max_autotune", action="store_true", help="inductor autotunes each matmul (max_autotune_gemm)")

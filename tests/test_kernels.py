@@ -89,20 +89,22 @@ def test_decode_attention_matches_rope_cache_write_and_sdpa(n_heads, n_kv_heads,
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
 
-@pytest.mark.parametrize("family,scheme,pdl", [("llama2", None, False), ("qwen2", None, True), ("llama3.2", None, False),
-                                               ("mistral", "int8", True), ("llama3.1", "int4", False)])
-def test_fused_decode_model_gives_the_unfused_logits(family, scheme, pdl, hf_checkpoint, tmp_path):
+@pytest.mark.parametrize("family,scheme", [("llama2", None), ("qwen2", None), ("llama3.2", None),
+                                           ("mistral", "int8"), ("llama3.1", "int4")])
+def test_fused_decode_model_gives_the_unfused_logits(family, scheme, hf_checkpoint, tmp_path):
     # Decode steps through the kernels (norms, SwiGLU and residual adds inside the GEMVs; RoPE, the cache write and
     # attention in one kernel) against the same weights unfused; several rows (prefill) must take the unchanged
     # modules. qwen2 has q/k/v biases, llama3.2 a tied head, mistral a sliding window (24) that the 30 positions
-    # pass; int4 linears keep their own forward inside the DecodeBlock. pdl: the custom ops that launch the kernels
-    # (with programmatic dependent launch on a GPU).
+    # pass; int4 linears keep their own forward inside the DecodeBlock.
     _, path = hf_checkpoint(family)
     if scheme:
         path = quantize_checkpoint(path, scheme, output=tmp_path / "q.pth", group_size=32)
     plain, fused = (load_model(path, DEVICE, DTYPE, decode_kernels=False) for _ in range(2))
+    # bf16 on a GPU: the two round at different places (the fused residual add rounds once), so each is held to
+    # the float32 model instead, the fused one no further from it than the unfused one (plus 1e-3)
+    reference = plain if DTYPE == torch.float32 else load_model(path, DEVICE, torch.float32, decode_kernels=False)
     keys = set(plain.state_dict())
-    fuse_decode(fused, use_kernel=True, pdl=pdl)
+    fuse_decode(fused, use_kernel=True)
     assert all(isinstance(layer, DecodeBlock) for layer in fused.layers)
     # the layers keep their keys; the head's move under the DecodeLinear
     assert {k.replace("output.linear.", "output.").replace("output.norm.", "norm.") for k in fused.state_dict()} == keys
@@ -110,26 +112,19 @@ def test_fused_decode_model_gives_the_unfused_logits(family, scheme, pdl, hf_che
     if family == "llama3.2":
         assert fused.output.linear.weight is fused.tok_embeddings.weight
     prompt = torch.randint(3, 320, (1, 30), generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    for m in (plain, fused):
+    models = (plain, fused) if reference is plain else (plain, fused, reference)
+    for m in models:
         m.setup_caches(1, 40)
+
+    def error(got, expected):
+        return ((got - expected).norm() / expected.norm()).item()
+
     with torch.no_grad():
-        logits = [m(prompt[:, :27], torch.arange(27, device=DEVICE)) for m in (plain, fused)]
+        logits = [m(prompt[:, :27], torch.arange(27, device=DEVICE)) for m in models]
         assert torch.equal(logits[0], logits[1])  # prefill: untouched modules
         for pos in (27, 28, 29):  # each step reads the cache rows the steps before it wrote
-            step = [m(prompt[:, pos:pos + 1], torch.tensor([pos], device=DEVICE)) for m in (plain, fused)]
-            assert ((step[1] - step[0]).norm() / step[0].norm()).item() <= TOL
-
-
-def test_compiled_decode_through_the_custom_ops_equals_eager(hf_checkpoint):
-    # The pdl path's custom ops are opaque to torch.compile; decode_attention's writes into the KV cache buffers
-    # (declared mutations) must reach the buffers themselves, or the next steps would read stale rows.
-    from generate import compile_fns, generate
-
-    _, path = hf_checkpoint("mistral")
-    model = fuse_decode(load_model(path, DEVICE, DTYPE, decode_kernels=False), use_kernel=True, pdl=True)
-    model.setup_caches(1, 16)
-    prompt = torch.randint(3, 320, (6,), generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    eager = generate(model, prompt, 8, temperature=0.0)
-    torch._dynamo.reset()
-    prefill_fn, decode_fn = compile_fns(DEVICE)
-    assert generate(model, prompt, 8, temperature=0.0, prefill_fn=prefill_fn, decode_fn=decode_fn) == eager
+            step = [m(prompt[:, pos:pos + 1], torch.tensor([pos], device=DEVICE)) for m in models]
+            if reference is plain:
+                assert error(step[1], step[0]) <= TOL
+            else:
+                assert error(step[1], step[2]) <= error(step[0], step[2]) + 1e-3
