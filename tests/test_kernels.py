@@ -66,14 +66,18 @@ def reference_attention(qkv, rope, k_cache, v_cache, pos, n_heads, n_kv_heads, w
     return y.transpose(1, 2).reshape(1, n_heads * d)
 
 
-@pytest.mark.parametrize("n_heads,n_kv_heads,head_dim,max_seq,pos,window", [
-    (4, 4, 16, 40, 17, None),  # one program per head
-    (4, 1, 16, 50, 0, None),  # the first position: only the new token
-    (4, 2, 32, 600, 530, None),  # GQA, 3 splits combined (flash-decoding), the last one partly filled
-    (8, 2, 16, 600, 300, 100),  # sliding window: the first split falls out of it entirely
-    (2, 2, 64, 600, 256, None),  # the new token opens a split of its own
+ONE_PROGRAM_PER_HEAD = dict(CHUNK=64, BLOCK_S=16, num_warps=2)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads,head_dim,max_seq,pos,window,config", [
+    (4, 4, 16, 40, 17, None, ONE_PROGRAM_PER_HEAD),  # no splits to combine
+    (4, 1, 16, 50, 0, None, None),  # the first position: only the new token
+    (4, 2, 32, 600, 530, None, None),  # GQA, 19 splits combined (flash-decoding), the last one partly filled
+    (8, 2, 16, 600, 300, 100, None),  # sliding window: the first splits fall out of it entirely
+    (2, 2, 64, 600, 256, None, None),  # the new token opens a split of its own
 ])
-def test_decode_attention_matches_rope_cache_write_and_sdpa(n_heads, n_kv_heads, head_dim, max_seq, pos, window):
+def test_decode_attention_matches_rope_cache_write_and_sdpa(n_heads, n_kv_heads, head_dim, max_seq, pos, window,
+                                                            config):
     g = torch.Generator().manual_seed(pos)
     args = ModelArgs(vocab_size=8, dim=n_heads * head_dim, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv_heads,
                      intermediate_size=8, head_dim=head_dim, max_seq_len=max_seq, rope_theta=500000.0)
@@ -83,7 +87,7 @@ def test_decode_attention_matches_rope_cache_write_and_sdpa(n_heads, n_kv_heads,
     k_cache, v_cache = (torch.randn(2, n_kv_heads, max_seq, head_dim, generator=g).to(DEVICE, DTYPE) for _ in range(2))
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     input_pos = torch.tensor([pos], device=DEVICE)
-    got = decode_attention(qkv, rope, k_cache, v_cache, input_pos, n_heads, n_kv_heads, window)
+    got = decode_attention(qkv, rope, k_cache, v_cache, input_pos, n_heads, n_kv_heads, window, config=config)
     expected = reference_attention(qkv, rope, k_ref, v_ref, input_pos, n_heads, n_kv_heads, window)
     assert ((got.float() - expected.float()).norm() / expected.float().norm()).item() <= TOL
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
