@@ -450,7 +450,7 @@ def fuse_decode(model: Transformer, use_kernel: Optional[bool] = None) -> Transf
     Tensor parallel shards keep their forward hooks (the all-reduce, the gather); int4 linears keep their own
     forward (takes_prologue). use_kernel defaults to: on CUDA with Triton; set it True on CPU only under
     TRITON_INTERPRET=1 (tests). Blocks whose sizes the kernels do not take (head_dim not a power of two, widths not
-    multiples of 8, a batched cache) are left as they are."""
+    multiples of 8) are left as they are; a model already swapped is left as it is."""
     if use_kernel is None:
         use_kernel = triton is not None and model.output.weight.is_cuda
     if not use_kernel:
@@ -459,7 +459,8 @@ def fuse_decode(model: Transformer, use_kernel: Optional[bool] = None) -> Transf
     hd = args.head_dim
     if hd & (hd - 1) == 0 and hd >= 4 and args.dim % 8 == 0 and args.intermediate_size % 8 == 0:
         for i, layer in enumerate(model.layers):
-            model.layers[i] = DecodeBlock(layer, args.sliding_window)
+            if not isinstance(layer, DecodeBlock):
+                model.layers[i] = DecodeBlock(layer, args.sliding_window)
     if takes_prologue(model.output) and args.dim % 8 == 0:
         model.output, model.norm = DecodeLinear(model.output, model.norm), nn.Identity()
     return model

@@ -116,6 +116,9 @@ def test_fused_decode_model_gives_the_unfused_logits(family, scheme, hf_checkpoi
     assert isinstance(fused.output, DecodeLinear) == (scheme != "int4")
     if family == "llama3.2":
         assert fused.output.linear.weight is fused.tok_embeddings.weight
+    layers, head = list(fused.layers), fused.output
+    fuse_decode(fused, use_kernel=True)  # a second swap (generate.load_model already made one on CUDA) changes nothing
+    assert list(fused.layers) == layers and fused.output is head
     prompt = torch.randint(3, 320, (1, 30), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     models = (plain, fused) if reference is plain else (plain, fused, reference)
     for m in models:
