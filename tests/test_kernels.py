@@ -136,3 +136,20 @@ def test_fused_decode_model_gives_the_unfused_logits(family, scheme, hf_checkpoi
                 assert error(step[1], step[0]) <= TOL
             else:
                 assert error(step[1], step[2]) <= 2e-2
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] < 9, reason="L2 prefetch: sm_90+")
+def test_l2_prefetch_leaves_the_decode_step_unchanged(hf_checkpoint):
+    # the prefetch of the next kernel's weights into L2 is a hint: the step computes the same numbers bit for bit
+    _, path = hf_checkpoint("llama2")
+    models = [fuse_decode(load_model(path, DEVICE, DTYPE, decode_kernels=False), use_kernel=True, **kw)
+              for kw in (dict(prefetch=False), dict(prefetch=True, prefetch_w13=4096))]
+    assert [layer.prefetch for layer in models[1].layers] == [True] * len(models[1].layers)
+    prompt = torch.randint(3, 320, (1, 30), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    with torch.no_grad():
+        for m in models:
+            m.setup_caches(1, 40)
+            m(prompt[:, :27], torch.arange(27, device=DEVICE))
+        for pos in (27, 28, 29):
+            step = [m(prompt[:, pos:pos + 1], torch.tensor([pos], device=DEVICE)) for m in models]
+            assert torch.equal(step[0], step[1])
