@@ -49,9 +49,6 @@ from quantize import (INT4_GROUP_SIZES, SCHEMES, Int4Linear, Int8Linear, make_sc
 from tp import (apply_tp, env_world, init_distributed, rank0_output, shutdown_distributed, tp_problem,  # noqa: E402
                 use_symmetric_memory)
 
-# --decode_kernels variants of kernels.fuse_decode (off: inductor's kernels)
-DECODE_KERNELS = {"on": {}, "noprefetch": dict(prefetch=False),
-                  **{f"w13-{mb}": dict(prefetch_w13=mb << 20) for mb in (8, 16)}}
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
 MODELS = {
@@ -554,8 +551,8 @@ def bench_model(name: str, a: argparse.Namespace, device: torch.device, read_gb_
     model = build_model(args, device, DTYPES[a.precision], quantization, a.groupsize, a.rank, a.world_size,
                         a.vocab_parallel_output, symmetric_memory=allreduce == "symm")
     symm = any(getattr(m, "symm", None) is not None for m in model.modules())
-    if decode_kernels != "off":
-        fuse_decode(model, **DECODE_KERNELS[decode_kernels])
+    if decode_kernels == "on":
+        fuse_decode(model)
     model.setup_caches(a.batch_size, a.prompt_len + a.max_new_tokens)
     kw = dict(temperature=0.0, stop_ids=())  # greedy; no stop tokens, so every run decodes max_new_tokens
     if a.compile:
@@ -612,8 +609,8 @@ def bench_speculative(name: str, a: argparse.Namespace, device: torch.device, qu
         make_predictable(target, successor)
         make_predictable(draft, successor)
         draft_output = draft.output.weight  # rewritten in place per agreement: captured graphs keep its address
-    if a.decode_kernels[0] != "off":
-        fuse_decode(target, **DECODE_KERNELS[a.decode_kernels[0]]), fuse_decode(draft, **DECODE_KERNELS[a.decode_kernels[0]])
+    if a.decode_kernels[0] == "on":
+        fuse_decode(target), fuse_decode(draft)
     for model in (target, draft):
         model.setup_caches(1, a.prompt_len + a.max_new_tokens + k)
     kw = dict(temperature=0.0, stop_ids=())  # no stop tokens: every run decodes max_new_tokens
@@ -689,7 +686,7 @@ def profile_decode(model, prompt, kw, device, steps: int = 21, top: int = 24):
 def label(record: dict) -> str:
     q, world = record.get("quantization", "none"), record.get("world_size", 1)
     return (record["model"] + ("" if q == "none" else f" {q}") + (f" g{record['group_size']}" if record.get("group_size") else "")
-            + (f" tp{world}" if world > 1 else "") + ({"on": "", "off": " unfused"}.get(record.get("decode_kernels", "on"), " " + str(record.get("decode_kernels"))))
+            + (f" tp{world}" if world > 1 else "") + (" unfused" if record.get("decode_kernels") == "off" else "")
             + (" nccl" if record.get("allreduce") == "nccl" else ""))
 
 
@@ -862,10 +859,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gemv_sweep", action="store_true", help="sweep the float decode GEMV's block sizes")
     p.add_argument("--int4_sweep", action="store_true", help="sweep the int4 decode kernel's block sizes")
     p.add_argument("--profile", action="store_true", help="print the decode step's kernels by device time")
-    p.add_argument("--decode_kernels", action="append", choices=["off", *DECODE_KERNELS],
-                   help="kernels.py's decode layer (CUDA) or inductor's kernels (off); noprefetch: ours without the L2 "
-                   "prefetch of the next weights; w13-MB: ours, the wo GEMV prefetching MB of w13 too; repeat to compare "
-                   "(default: on)")
+    p.add_argument("--decode_kernels", action="append", choices=["on", "off"],
+                   help="kernels.py's decode layer (CUDA) or inductor's kernels (off); repeat to compare (default: on)")
     p.add_argument("--sdpa", choices=["default", "cudnn", "efficient", "math"], default="default",
                    help="allow only this scaled_dot_product_attention backend (default: torch's choice)")
     p.add_argument("--max_autotune", action="store_true", help="inductor autotunes each matmul (max_autotune_gemm)")
