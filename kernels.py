@@ -48,15 +48,21 @@ if triton is not None:
         return x, squares
 
     @triton.jit
-    def _gemv_kernel(x_ptr, g_ptr, w_ptr, s_ptr, o_ptr, r_ptr, y_ptr, ss_ptr, N, K: tl.constexpr, row_words,
-                     stride_wn, stride_sn, k_per_split, eps, BITS: tl.constexpr, GROUP: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PROLOGUE: tl.constexpr,
-                     SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr):
-        """y[split, N] = W @ prologue(x) over this split's share of K, for one row x (decode); RESIDUAL (SPLIT_K = 1
-        only): y = r + W @ prologue(x), the residual stream's add done before the one rounding to y's dtype.
-        BITS = 0: float weights [N, K]. BITS = 4: int4 with a scale and offset per GROUP columns (BLOCK_K <=
-        GROUP, so a block lies in one group). BITS = 8: signed int8 with one scale per row (GROUP spans the row;
-        o_ptr unused). rmsnorm with SPLIT_K > 1 leaves the scaling to the caller: ss[split] = sum of x^2.
+    def _gemv_kernel(x_ptr, g_ptr, w_ptr, s_ptr, o_ptr, r_ptr, y_ptr, part_ptr, ss_ptr, count_ptr, N,
+                     K: tl.constexpr, row_words, stride_wn, stride_sn, k_per_split, eps, BITS: tl.constexpr,
+                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                     PROLOGUE: tl.constexpr, SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr):
+        """y[N] = W @ prologue(x) for one row x (decode), RESIDUAL: y = r + W @ prologue(x), the residual stream's
+        add done before the one rounding to y's dtype. BITS = 0: float weights [N, K]. BITS = 4: int4 with a scale
+        and offset per GROUP columns (BLOCK_K <= GROUP, so a block lies in one group). BITS = 8: signed int8 with
+        one scale per row (GROUP spans the row; o_ptr unused).
+
+        Split-K (SPLIT_K programs share a block of rows, each a share of K: more loads in flight when N is small)
+        in one launch: each program leaves its partial sums (part [SPLIT_K, N] float32; rmsnorm: its sum of
+        squares, ss [blocks, SPLIT_K]) and counts itself in at count[pid_n]; the last to arrive adds the partials
+        up in split order (so the result does not depend on which one that is), finishes the epilogue and puts
+        the counter back to 0 for the next launch. This is the threadFenceReduction pattern of NVIDIA's CUDA
+        samples (CUTLASS calls it serial split-K); it saves the reduction kernel after every GEMV.
 
         Quantized weights: each int32 word of a row holds 32 / BITS values, column (32 / BITS) t + i at bits
         BITS * i. Moving a value u to the top mantissa bits (22 down) and or-ing in the exponent of 1.0 gives
@@ -121,14 +127,35 @@ if triton is not None:
                     o = tl.load(o_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
                 s = s * (1 << BITS)
                 acc += tl.sum(xf, axis=1) * s + tl.sum(x_sum, axis=0) * (o - s)
+        ss = tl.sum(ss, axis=0)
+        if SPLIT_K == 1:
+            _gemv_epilogue(acc, ss, r_ptr, y_ptr, rn, n_ok, K, eps, PROLOGUE, RESIDUAL)
+        else:
+            tl.store(part_ptr + split * N + rn, acc, mask=n_ok)
+            if PROLOGUE == 1:
+                tl.store(ss_ptr + pid_n * SPLIT_K + split, ss)
+            tl.debug_barrier()  # every thread's stores come before the program's arrival (one thread's atomic)
+            if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+                # the last program: the others' stores are visible after the acquire; .cg reads them from L2, where
+                # they are, not from an L1 line this SM may hold from before
+                total = tl.load(part_ptr + rn, mask=n_ok, other=0.0, cache_modifier=".cg")
+                total_ss = tl.load(ss_ptr + pid_n * SPLIT_K, cache_modifier=".cg").to(tl.float32)  # (rmsnorm's)
+                for i in tl.static_range(1, SPLIT_K):
+                    total += tl.load(part_ptr + i * N + rn, mask=n_ok, other=0.0, cache_modifier=".cg")
+                    if PROLOGUE == 1:
+                        total_ss += tl.load(ss_ptr + pid_n * SPLIT_K + i, cache_modifier=".cg").to(tl.float32)
+                tl.store(count_ptr + pid_n, 0)
+                _gemv_epilogue(total, total_ss, r_ptr, y_ptr, rn, n_ok, K, eps, PROLOGUE, RESIDUAL)
+
+    @triton.jit
+    def _gemv_epilogue(acc, ss, r_ptr, y_ptr, rn, n_ok, K: tl.constexpr, eps, PROLOGUE: tl.constexpr,
+                       RESIDUAL: tl.constexpr):
+        """y[rn] = acc, times rmsnorm's rsqrt(mean of x^2 + eps) (ss: the sum of x^2), plus the residual r[rn]."""
         if PROLOGUE == 1:
-            if SPLIT_K == 1:
-                acc = acc * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
-            elif pid_n == 0:
-                tl.store(ss_ptr + split, tl.sum(ss, axis=0))
+            acc = acc * tl.rsqrt(ss / K + eps).to(tl.float32)
         if RESIDUAL:
             acc += tl.load(r_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + split * N + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+        tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.jit
     def _int4_matmul_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
@@ -160,17 +187,17 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_kernel(qkv_ptr, rope_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, y_ptr, part_ptr, ml_ptr,
-                                 stride_ch, stride_cs, window, QK_SCALE: tl.constexpr, H: tl.constexpr,
+                                 count_ptr, stride_ch, stride_cs, window, QK_SCALE: tl.constexpr, H: tl.constexpr,
                                  H_KV: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_S: tl.constexpr,
-                                 SPLITS: tl.constexpr):
+                                 SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
         """One query token's attention for query head program_id(0) over cache positions [split * CHUNK, (split + 1)
         * CHUNK) (split = program_id(1)), from the wqkv output row qkv [(H + 2 H_KV) D]: RoPE on q and k, the new k
         and v written to the cache at pos, then softmax(q K^T) V over the cached positions, split-KV as in
         flash-decoding (Dao et al. 2023, "Flash-Decoding for long-context inference"). The current position's score
-        comes from registers, so no program reads the cache row that this launch writes. SPLITS = 1: y [H D] is
-        the output; otherwise each split leaves its unnormalised sum [D] and (max, sum of weights) for
-        _attention_combine_kernel. Scores are in base 2 (QK_SCALE = log2(e) / sqrt(D)); the sliding window
-        (window > 0) keeps positions j with pos - j < window."""
+        comes from registers, so no program reads the cache row that this launch writes. With SPLITS > 1 each
+        split leaves its unnormalised sum [D] and (max, sum of weights) in part and ml, and the head's last split
+        to finish (count[head], as in _gemv_kernel's split-K) combines them into y [H D]. Scores are in base 2
+        (QK_SCALE = log2(e) / sqrt(D)); the sliding window (window > 0) keeps positions j with pos - j < window."""
         head, split = tl.program_id(0), tl.program_id(1)
         kv_head = head // (H // H_KV)
         pos = tl.load(pos_ptr).to(tl.int32)
@@ -227,70 +254,73 @@ if triton is not None:
             tl.store(part_ptr + (split * H + head) * D + tl.arange(0, D), acc)
             tl.store(ml_ptr + (split * H + head) * 2, m)
             tl.store(ml_ptr + (split * H + head) * 2 + 1, l)
-
-    @triton.jit
-    def _attention_combine_kernel(part_ptr, ml_ptr, y_ptr, H: tl.constexpr, D: tl.constexpr,
-                                  SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
-        """y[head] = the splits' partial sums weighted by exp2(their max - the overall max), over the weights' sum.
-        A split with no position in range left max -inf and sum 0: its weight is 0."""
-        head = tl.program_id(0)
-        splits = tl.arange(0, BLOCK_SPLITS)
-        ok = splits < SPLITS
-        m = tl.load(ml_ptr + (splits * H + head) * 2, mask=ok, other=float("-inf"))
-        l = tl.load(ml_ptr + (splits * H + head) * 2 + 1, mask=ok, other=0.0)
-        weight = tl.exp2(m - tl.max(m, axis=0))  # [BLOCK_SPLITS]
-        part = tl.load(part_ptr + (splits[:, None] * H + head) * D + tl.arange(0, D)[None, :], mask=ok[:, None],
-                       other=0.0)  # [BLOCK_SPLITS, D]
-        y = tl.sum(part * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
-        tl.store(y_ptr + head * D + tl.arange(0, D), y.to(y_ptr.dtype.element_ty))
+            tl.debug_barrier()
+            if tl.atomic_add(count_ptr + head, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+                # the splits' partial sums weighted by exp2(their max - the overall max), over the weights' sum;
+                # a split with no position in range left max -inf and sum 0: its weight is 0
+                splits = tl.arange(0, BLOCK_SPLITS)
+                at = (splits * H + head) * 2
+                maxes = tl.load(ml_ptr + at, mask=splits < SPLITS, other=float("-inf"), cache_modifier=".cg")
+                sums = tl.load(ml_ptr + at + 1, mask=splits < SPLITS, other=0.0, cache_modifier=".cg")
+                weight = tl.exp2(maxes - tl.max(maxes, axis=0))  # [BLOCK_SPLITS]
+                parts = tl.load(part_ptr + (splits[:, None] * H + head) * D + tl.arange(0, D)[None, :],
+                                mask=(splits < SPLITS)[:, None], other=0.0, cache_modifier=".cg")  # [BLOCK_SPLITS, D]
+                out = tl.sum(parts * weight[:, None], axis=0) / tl.sum(sums * weight, axis=0)
+                tl.store(y_ptr + head * D + tl.arange(0, D), out.to(y_ptr.dtype.element_ty))
+                tl.store(count_ptr + head, 0)
 
 
-def gemv_config(bits: int, n: int, k: int, group_size: int = 128) -> dict:
-    """Block sizes, split-K and warps of _gemv_kernel per weight format; tuned on H200 with
-    scripts/bench.py --int4_sweep (BENCHMARKS.md)."""
+def gemv_config(bits: int, n: int, k: int, group_size: int = 128, prologue: Optional[str] = None) -> dict:
+    """Block sizes, split-K and warps of _gemv_kernel per weight format, shape and prologue; tuned on an H200 with
+    scripts/bench.py --gemv_sweep --int4_sweep, each matrix with the op the decode step folds into it
+    (BENCHMARKS.md). Split-K pays where N is small (wo, w2: more programs, more loads in flight)."""
     if bits == 4:
-        return dict(BLOCK_N=32, BLOCK_K=min(group_size, 128), SPLIT_K=8, num_warps=1)
+        return dict(BLOCK_N=32, BLOCK_K=min(group_size, 128), SPLIT_K=8, num_warps=2 if n <= 8192 else 1)
     if bits == 8:
-        return dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=4, num_warps=4)
-    if k > 8192:  # (w2)
-        return dict(BLOCK_N=8, BLOCK_K=1024, SPLIT_K=1, num_warps=4)
+        if n <= 8192:
+            return dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=4, num_warps=4)
+        return dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4)
+    if prologue == "rmsnorm":  # (wqkv, w13, the head) 8 rows a program share the work on x: 8-12% over 4 rows
+        return dict(BLOCK_N=8, BLOCK_K=1024, SPLIT_K=1, num_warps=4, num_stages=2)
+    if k > 8192:  # (w2, after SwiGLU)
+        return dict(BLOCK_N=4, BLOCK_K=1024, SPLIT_K=1, num_warps=8, num_stages=2)
     return dict(BLOCK_N=4, BLOCK_K=1024, SPLIT_K=1, num_warps=8)
 
 
 def gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, offsets: Optional[Tensor] = None, *,
          bits: int = 0, group_size: Optional[int] = None, config: Optional[dict] = None,
          prologue: Optional[str] = None, norm_weight: Optional[Tensor] = None, eps: float = 0.0,
-         residual: Optional[Tensor] = None) -> Tensor:
+         residual: Optional[Tensor] = None, counters: Optional[Tensor] = None) -> Tensor:
     """One row x [1, K] (swiglu: [1, 2K]) times weight.T (plus residual [1, N]) -> [1, N] with _gemv_kernel.
     weight: float [N, K] (bits 0), int8 [N, K] (bits 8, scales [N]) or int4 packed uint8 [N, Kp/2] (bits 4,
-    scales and offsets [N, Kp/group_size]). prologue: None, "rmsnorm" (norm_weight, eps) or "swiglu"."""
+    scales and offsets [N, Kp/group_size]). prologue: None, "rmsnorm" (norm_weight, eps) or "swiglu".
+    counters: split-K's arrival counters, int32 zeros (the kernel leaves them zero), at least one per block of
+    rows; without them a split-K config zeroes fresh ones (a memset before the kernel)."""
     x = x.contiguous()
     n = weight.shape[0]
     k = x.shape[1] // 2 if prologue == "swiglu" else x.shape[1]
-    config = dict(config or gemv_config(bits, n, k, group_size or 128))
-    split = config.pop("SPLIT_K", 1)  # programs sharing a row's K: more loads in flight when N is small
+    config = dict(config or gemv_config(bits, n, k, group_size or 128, prologue))
+    split = config.pop("SPLIT_K", 1)
     if bits == 8:
         group_size = triton.cdiv(k, config["BLOCK_K"]) * config["BLOCK_K"]  # one scale for the whole row
     w = weight if bits == 0 else weight.view(torch.int32)
-    blocks = triton.cdiv(k, config["BLOCK_K"])
+    blocks, row_blocks = triton.cdiv(k, config["BLOCK_K"]), triton.cdiv(n, config["BLOCK_N"])
     k_per_split = triton.cdiv(blocks, split) * config["BLOCK_K"]
-    y = torch.empty(split, n, device=x.device, dtype=x.dtype if split == 1 else torch.float32)
-    ss = torch.empty(split, device=x.device, dtype=torch.float32) if split > 1 else y
+    y = torch.empty(1, n, device=x.device, dtype=x.dtype)
+    part = ss = y
+    if split > 1:
+        part = torch.empty(split, n, device=x.device, dtype=torch.float32)
+        ss = torch.empty(row_blocks, split, device=x.device, dtype=torch.float32) if prologue == "rmsnorm" else y
+        if counters is None or counters.numel() < row_blocks:
+            counters = torch.zeros(row_blocks, device=x.device, dtype=torch.int32)
     scale_stride = 1 if scales is None or scales.dim() == 1 else scales.stride(0)
-    _gemv_kernel[(triton.cdiv(n, config["BLOCK_N"]), split)](
+    _gemv_kernel[(row_blocks, split)](
         x, x if norm_weight is None else norm_weight, w, w if scales is None else scales,
-        w if offsets is None else offsets, y if residual is None or split > 1 else residual, y, ss, n, k, w.shape[1],
-        w.stride(0), scale_stride, k_per_split, eps, BITS=bits, GROUP=group_size or 1,
-        EVEN_K=k % config["BLOCK_K"] == 0, PROLOGUE=PROLOGUES[prologue], SPLIT_K=split,
-        RESIDUAL=residual is not None and split == 1, **config)
-    if split == 1:
-        return y
-    y = y.sum(0, keepdim=True)
-    if prologue == "rmsnorm":
-        y = y * torch.rsqrt(ss.sum() / k + eps)
-    if residual is not None:  # (inductor fuses this add into the sum over the splits)
-        y = y + residual.float()
-    return y.to(x.dtype)
+        w if offsets is None else offsets, y if residual is None else residual, y, part, ss,
+        y if split == 1 else counters, n, k, w.shape[1], w.stride(0), scale_stride, k_per_split, eps, BITS=bits,
+        GROUP=group_size or 1, EVEN_K=k % config["BLOCK_K"] == 0, PROLOGUE=PROLOGUES[prologue], SPLIT_K=split,
+        RESIDUAL=residual is not None, **config)
+    return y
 
 
 def int4_config(m: int, n: int, group_size: int) -> dict:
@@ -302,15 +332,15 @@ def int4_config(m: int, n: int, group_size: int) -> dict:
 
 
 def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, group_size: int,
-                config: Optional[dict] = None) -> Tensor:
+                config: Optional[dict] = None, counters: Optional[Tensor] = None) -> Tensor:
     """x [M, K] @ dequant(packed).T -> [M, N] with the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
-    config: block sizes and num_warps (default int4_config); BLOCK_K must divide group_size."""
+    config: block sizes and num_warps (default int4_config); BLOCK_K must divide group_size. counters: gemv's."""
     x = x.contiguous()
     m, k = x.shape
     n = packed.shape[0]
     config = config or int4_config(m, n, group_size)
     if m == 1:
-        return gemv(x, packed, scales, offsets, bits=4, group_size=group_size, config=config)
+        return gemv(x, packed, scales, offsets, bits=4, group_size=group_size, config=config, counters=counters)
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]))
     # float32 inputs get exact float32 products, not TF32's 10-bit mantissas
@@ -321,38 +351,44 @@ def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, grou
 
 
 def attention_config(max_seq_length: int) -> dict:
-    """decode_attention's cache positions per program (CHUNK), per loop step (BLOCK_S) and warps: chunks of 32
-    positions (the fastest of the configs `scripts/bench.py --attention_microbench` times on an H200 at 216
-    positions), longer caches at most 64 chunks (flash-decoding) of a power of two positions each."""
-    return dict(CHUNK=max(32, triton.next_power_of_2(triton.cdiv(max_seq_length, 64))), BLOCK_S=32, num_warps=2)
+    """decode_attention's cache positions per program (CHUNK), per loop step (BLOCK_S) and warps: chunks of 16
+    positions, one warp each (the fastest of the configs `scripts/bench.py --attention_microbench` times on an H200
+    at 216 positions: 5.9 us a layer against 6.9 for 32-position chunks); longer caches at most 64 chunks
+    (flash-decoding) of a power of two positions each, 32 a step on 2 warps."""
+    chunk = max(16, triton.next_power_of_2(triton.cdiv(max_seq_length, 64)))
+    return dict(CHUNK=chunk, BLOCK_S=min(chunk, 32), num_warps=1 if chunk <= 16 else 2)
 
 
 def decode_attention(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, n_heads: int,
-                     n_kv_heads: int, sliding_window: Optional[int] = None, config: Optional[dict] = None) -> Tensor:
+                     n_kv_heads: int, sliding_window: Optional[int] = None, config: Optional[dict] = None,
+                     counters: Optional[Tensor] = None) -> Tensor:
     """Attention of one new token, from the wqkv output qkv [1, (n_heads + 2 n_kv_heads) head_dim] at position
     input_pos [1]: RoPE (rope [1, head_dim/2, 2], interleaved pairs), k and v written into the caches [1, n_kv_heads,
     max_seq, head_dim] at input_pos, attention over positions 0..input_pos (the last sliding_window of them)
-    -> [1, n_heads head_dim], in qkv's dtype. What model.Attention computes for one row, in one or two kernels.
-    config: attention_config's keys."""
+    -> [1, n_heads head_dim], in qkv's dtype. What model.Attention computes for one row, in one kernel.
+    config: attention_config's keys. counters: int32 zeros, at least n_heads (as gemv's; default: fresh ones)."""
     head_dim, max_seq = k_cache.shape[-1], k_cache.shape[2]
     config = config or attention_config(max_seq)
     splits = triton.cdiv(max_seq, config["CHUNK"])
     y = torch.empty(1, n_heads * head_dim, device=qkv.device, dtype=qkv.dtype)
-    part = torch.empty(splits, n_heads, head_dim, device=qkv.device, dtype=torch.float32) if splits > 1 else y
-    ml = torch.empty(splits, n_heads, 2, device=qkv.device, dtype=torch.float32) if splits > 1 else y
-    _decode_attention_kernel[(n_heads, splits)](
-        qkv.contiguous(), rope.contiguous(), k_cache, v_cache, input_pos, y, part, ml, k_cache.stride(1),
-        k_cache.stride(2), sliding_window or 0, QK_SCALE=1.4426950408889634 / head_dim ** 0.5, H=n_heads,
-        H_KV=n_kv_heads, D=head_dim, SPLITS=splits, **config)
+    part = ml = y
     if splits > 1:
-        _attention_combine_kernel[(n_heads,)](part, ml, y, H=n_heads, D=head_dim, SPLITS=splits,
-                                              BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4)
+        part = torch.empty(splits, n_heads, head_dim, device=qkv.device, dtype=torch.float32)
+        ml = torch.empty(splits, n_heads, 2, device=qkv.device, dtype=torch.float32)
+        if counters is None or counters.numel() < n_heads:
+            counters = torch.zeros(n_heads, device=qkv.device, dtype=torch.int32)
+    _decode_attention_kernel[(n_heads, splits)](
+        qkv.contiguous(), rope.contiguous(), k_cache, v_cache, input_pos, y, part, ml,
+        y if splits == 1 else counters, k_cache.stride(1), k_cache.stride(2), sliding_window or 0,
+        QK_SCALE=1.4426950408889634 / head_dim ** 0.5, H=n_heads, H_KV=n_kv_heads, D=head_dim, SPLITS=splits,
+        BLOCK_SPLITS=triton.next_power_of_2(splits), **config)
     return y
 
 
-def int8_gemv(x: Tensor, weight: Tensor, scales: Tensor, config: Optional[dict] = None) -> Tensor:
+def int8_gemv(x: Tensor, weight: Tensor, scales: Tensor, config: Optional[dict] = None,
+              counters: Optional[Tensor] = None) -> Tensor:
     """x [1, K] @ (weight * scales[:, None]).T -> [1, N] for int8 weight [N, K], K a multiple of 4."""
-    return gemv(x, weight, scales, bits=8, config=config)
+    return gemv(x, weight, scales, bits=8, config=config, counters=counters)
 
 
 # ------------------------------------------------------------------------------------------- module swap
@@ -373,94 +409,111 @@ def linear_gemv(x: Tensor, linear: nn.Module, **kw) -> Tensor:
     return y if residual is None else y + residual
 
 
-def takes_prologue(linear: nn.Module) -> bool:
-    """Whether `linear` runs through _gemv_kernel with the op in front of it folded in: float and int8 weights;
-    int4's GEMV is bound by instructions and measured slower with a prologue (BENCHMARKS.md), so int4 layers keep
-    their own forward (the same kernel without one)."""
-    from quantize import Int8Linear
+def runs_gemv(linear: nn.Module) -> bool:
+    """Whether a one-row `linear` can run through _gemv_kernel: nn.Linear, quantize.Int8Linear or Int4Linear with
+    nothing hooked in front of it (a hook after it, TP's all-reduce or gather, is called on the kernel's output)."""
+    from quantize import Int4Linear, Int8Linear
 
-    return type(linear) in (nn.Linear, Int8Linear) and not linear._forward_pre_hooks
+    return type(linear) in (nn.Linear, Int8Linear, Int4Linear) and not linear._forward_pre_hooks
+
+
+def takes_prologue(linear: nn.Module) -> bool:
+    """Whether `linear`'s GEMV also does the op in front of it (RMSNorm, SwiGLU): float and int8 weights; int4's
+    GEMV is bound by instructions and measured slower with a prologue (BENCHMARKS.md), so int4 takes x as is."""
+    return runs_gemv(linear) and linear.weight.dtype != torch.uint8
 
 
 def project(x: Tensor, linear: nn.Module, norm: Optional[nn.Module] = None, swiglu: bool = False,
-            residual: Optional[Tensor] = None) -> Tensor:
+            residual: Optional[Tensor] = None, counters: Optional[Tensor] = None) -> Tensor:
     """linear(op(x)) + residual for one row x [1, K], op the RMSNorm `norm`, or (swiglu) silu(gate) * up of x =
-    [gate | up], or nothing. Folded into one GEMV kernel where takes_prologue(linear); the residual add is folded in
-    too unless forward hooks (tensor parallelism's all-reduce or gather) must see the product first."""
-    if takes_prologue(linear):
-        hooks = list(linear._forward_hooks.values())
-        kw = dict(prologue="swiglu" if swiglu else None)
+    [gate | up], or nothing: one GEMV kernel where runs_gemv(linear), op in it where takes_prologue(linear), the
+    residual add in it unless forward hooks (tensor parallelism's all-reduce or gather) must see the product
+    first. counters: gemv's split-K workspace."""
+    fold = takes_prologue(linear)
+    if not fold:
         if norm is not None:
-            kw = dict(prologue="rmsnorm", norm_weight=norm.weight, eps=norm.eps)
-        y = linear_gemv(x, linear, residual=None if hooks else residual, **kw)
-        for hook in hooks:
-            y = hook(linear, (x,), y)
-        return y + residual if hooks and residual is not None else y
-    if norm is not None:
-        x = norm(x)
-    if swiglu:
-        gate, up = x.chunk(2, dim=-1)
-        x = F.silu(gate) * up
-    y = linear(x)
-    return y if residual is None else y + residual
+            x = norm(x)
+        if swiglu:
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+    if not runs_gemv(linear):
+        y = linear(x)
+        return y if residual is None else y + residual
+    hooks = list(linear._forward_hooks.values())
+    kw = dict(counters=counters, residual=None if hooks else residual)
+    if fold and swiglu:
+        kw["prologue"] = "swiglu"
+    if fold and norm is not None:
+        kw.update(prologue="rmsnorm", norm_weight=norm.weight, eps=norm.eps)
+    y = linear_gemv(x, linear, **kw)
+    for hook in hooks:
+        y = hook(linear, (x,), y)
+    return y + residual if hooks and residual is not None else y
 
 
 class DecodeLinear(nn.Module):
     """`linear` after the RMSNorm `norm` (the output head), the two in one GEMV kernel when the input is one row;
-    otherwise the plain modules."""
+    otherwise the plain modules. counters: gemv's split-K workspace."""
 
-    def __init__(self, linear: nn.Module, norm: nn.Module):
+    def __init__(self, linear: nn.Module, norm: nn.Module, counters: Tensor):
         super().__init__()
         self.linear, self.norm = linear, norm
+        self.register_buffer("counters", counters, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() == x.shape[-1]:
-            return project(x.reshape(1, -1), self.linear, self.norm).view(*x.shape[:-1], -1)
+            return project(x.reshape(1, -1), self.linear, self.norm, counters=self.counters).view(*x.shape[:-1], -1)
         return self.linear(self.norm(x))
 
 
 class DecodeBlock(TransformerBlock):
     """A TransformerBlock (the same modules, so the same state-dict keys) whose one-token step is five kernels:
     RMSNorm + wqkv, attention (RoPE, the cache write, split-KV softmax), wo + the residual add, RMSNorm + w13,
-    SwiGLU + w2 + the residual add. Several tokens (prefill, speculative verify) run TransformerBlock.forward."""
+    SwiGLU + w2 + the residual add. Several tokens (prefill, speculative verify) run TransformerBlock.forward.
+    counters: the kernels' split workspace (int32 zeros, one per output row of the widest linear), shared by every
+    block: the kernels run one after another and each leaves it zero."""
 
-    def __init__(self, block: TransformerBlock, sliding_window: Optional[int]):
+    def __init__(self, block: TransformerBlock, sliding_window: Optional[int], counters: Tensor):
         nn.Module.__init__(self)
         self.attention, self.feed_forward = block.attention, block.feed_forward
         self.attention_norm, self.ffn_norm = block.attention_norm, block.ffn_norm
         self.sliding_window = sliding_window
+        self.register_buffer("counters", counters, persistent=False)
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Optional[Tensor]) -> Tensor:
-        attention, ff = self.attention, self.feed_forward
+        attention, ff, counters = self.attention, self.feed_forward, self.counters
         if x.shape[0] * x.shape[1] != 1 or input_pos is None or attention.kv_cache is None:
             return super().forward(x, rope, mask, input_pos)
         x = x.view(1, -1)  # [1, dim]
-        qkv = project(x, attention.wqkv, self.attention_norm)  # [1, (n_heads + 2 n_kv_heads) head_dim]
+        qkv = project(x, attention.wqkv, self.attention_norm, counters=counters)  # [1, (n_heads + 2 n_kv_heads) hd]
         cache = attention.kv_cache
         y = decode_attention(qkv, rope, cache.k_cache, cache.v_cache, input_pos, attention.n_heads,
-                             attention.n_kv_heads, self.sliding_window)  # [1, n_heads head_dim]
-        h = project(y, attention.wo, residual=x)
-        u = project(h, ff.w13, self.ffn_norm)  # [1, 2 intermediate]: [gate | up]
-        return project(u, ff.w2, swiglu=True, residual=h).view(1, 1, -1)
+                             attention.n_kv_heads, self.sliding_window, counters=counters)  # [1, n_heads head_dim]
+        h = project(y, attention.wo, residual=x, counters=counters)
+        u = project(h, ff.w13, self.ffn_norm, counters=counters)  # [1, 2 intermediate]: [gate | up]
+        return project(u, ff.w2, swiglu=True, residual=h, counters=counters).view(1, 1, -1)
 
 
 def fuse_decode(model: Transformer, use_kernel: Optional[bool] = None) -> Transformer:
     """Run the model's one-token decode step on this file's kernels, by swapping modules in place (after the weights
     are loaded): each TransformerBlock becomes a DecodeBlock, the final RMSNorm and output head a DecodeLinear.
-    Tensor parallel shards keep their forward hooks (the all-reduce, the gather); int4 linears keep their own
-    forward (takes_prologue). use_kernel defaults to: on CUDA with Triton; set it True on CPU only under
-    TRITON_INTERPRET=1 (tests). Blocks whose sizes the kernels do not take (head_dim not a power of two, widths not
-    multiples of 8) are left as they are; a model already swapped is left as it is."""
+    Tensor parallel shards keep their forward hooks (the all-reduce, the gather). use_kernel defaults to: on CUDA
+    with Triton; set it True on CPU only under TRITON_INTERPRET=1 (tests). Blocks whose sizes the kernels do not
+    take (head_dim not a power of two, widths not multiples of 8) are left as they are; a model already swapped is
+    left as it is."""
+    device = model.tok_embeddings.weight.device
     if use_kernel is None:
-        use_kernel = triton is not None and model.tok_embeddings.weight.is_cuda
+        use_kernel = triton is not None and device.type == "cuda"
     if not use_kernel:
         return model
     args = model.args
     hd = args.head_dim
+    rows = max([m.weight.shape[0] for m in model.modules() if runs_gemv(m)] + [args.n_heads])
+    counters = torch.zeros(rows, dtype=torch.int32, device=device)
     if hd & (hd - 1) == 0 and hd >= 4 and args.dim % 8 == 0 and args.intermediate_size % 8 == 0:
         for i, layer in enumerate(model.layers):
             if not isinstance(layer, DecodeBlock):
-                model.layers[i] = DecodeBlock(layer, args.sliding_window)
-    if takes_prologue(model.output) and args.dim % 8 == 0:
-        model.output, model.norm = DecodeLinear(model.output, model.norm), nn.Identity()
+                model.layers[i] = DecodeBlock(layer, args.sliding_window, counters)
+    if runs_gemv(model.output) and args.dim % 8 == 0:
+        model.output, model.norm = DecodeLinear(model.output, model.norm, counters), nn.Identity()
     return model

@@ -279,8 +279,10 @@ def quant_microbench(device: torch.device, dtype: torch.dtype, ms: list, group_s
 
     compile_fns(device)  # inductor set up as generate.py sets it for the decode step
     int8_compiled = torch.compile(int8_linear)
-    fns = {"bf16": F.linear, "int8": lambda x, q, s: int8_gemv(x, q, s) if x.shape[0] == 1 else int8_compiled(x, q, s),
-           "int4": lambda x, p, s, o: int4_matmul(x, p, s, o, group_size),
+    counters = torch.zeros(max(n for _, n, _ in DECODE_MATMULS), dtype=torch.int32, device=device)  # fuse_decode's
+    fns = {"bf16": F.linear,
+           "int8": lambda x, q, s: int8_gemv(x, q, s, counters=counters) if x.shape[0] == 1 else int8_compiled(x, q, s),
+           "int4": lambda x, p, s, o: int4_matmul(x, p, s, o, group_size, counters=counters),
            "torch_int4pack": lambda x, p, sz: torch._weight_int4pack_mm(x, p, group_size, sz)}
     with torch.no_grad():
         for name, n, k in DECODE_MATMULS:
@@ -314,19 +316,20 @@ def config_key(config: dict) -> str:
     return "_".join(f"{short[k]}{v}" for k, v in config.items())
 
 
-def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: list):
+def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: list, matrices: list):
     """GB/s of the int4 kernels over block sizes and warps, per Llama-2-7B matmul and row count m; the best
     ones set quantize.int4_config."""
+    counters = torch.zeros(max(n for _, n, _ in DECODE_MATMULS), dtype=torch.int32, device=device)
     with torch.no_grad():
-        for name, n, k in DECODE_MATMULS:
+        for name, n, k in (m for m in DECODE_MATMULS if m[0] in matrices):
             tensors = quantize_int4(torch.randn(n, k, device=device, dtype=dtype), group_size)
             nbytes = sum(t.numel() * t.element_size() for t in tensors)
             copies = [tensors] + [tuple(t.clone() for t in tensors) for _ in range(weight_copies(nbytes, device) - 1)]
             for m in ms:
                 x = torch.randn(m, k, device=device, dtype=dtype)
                 if m == 1:
-                    grid = [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=w) for bn in (4, 8, 16, 32)
-                            for bk in (64, 128, 256) if bk <= group_size for sk in (1, 2, 4, 8) for w in (1, 2, 4)]
+                    grid = [dict(BLOCK_N=bn, BLOCK_K=min(group_size, 128), SPLIT_K=sk, num_warps=w)
+                            for bn in (16, 32, 64) for sk in (2, 4, 8) for w in (1, 2)]
                 else:
                     grid = [dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=bn, BLOCK_K=bk, num_warps=w)
                             for bn in (16, 32, 64, 128) for bk in (32, 64, 128) if bk <= group_size for w in (2, 4, 8)]
@@ -334,7 +337,8 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
                 for config in grid:
                     key = config_key(config)
                     try:
-                        t_ms = graph_ms_per_call([lambda c=c: int4_matmul(x, *c, group_size, config=config)
+                        t_ms = graph_ms_per_call([lambda c=c: int4_matmul(x, *c, group_size, config=config,
+                                                                          counters=counters)
                                                   for c in copies * 4], device, reps=10)
                     except Exception as e:  # noqa: BLE001 -- e.g. too many registers: skip that config
                         log(f"int4 sweep {name} m={m} {key}: {str(e).splitlines()[0][:120]}")
@@ -352,46 +356,61 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
                 q8, s8 = quantize_int8(torch.randn(n, k, device=device, dtype=dtype))
                 nbytes = q8.numel() + s8.numel() * s8.element_size()
                 copies = [(q8, s8)] + [(q8.clone(), s8.clone()) for _ in range(weight_copies(nbytes, device) - 1)]
-                x = torch.randn(1, k, device=device, dtype=dtype)
+                x, op = decode_op(name, n, k, device, dtype)  # with the op the decode step folds in
                 results = {}
-                for config in [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=w) for bn in (8, 16, 32)
-                               for bk in (256, 512, 1024) for sk in (2, 4, 8) for w in (1, 2, 4)]:
-                    t_ms = graph_ms_per_call([lambda c=c: int8_gemv(x, *c, config=config) for c in copies * 4],
-                                             device, reps=10)
+                for config in [dict(BLOCK_N=bn, BLOCK_K=512, SPLIT_K=sk, num_warps=w) for bn in (16, 32)
+                               for sk in (1, 2, 4) for w in (2, 4)]:
+                    t_ms = graph_ms_per_call([lambda c=c: gemv(x, c[0], c[1], bits=8, config=config,
+                                                               counters=counters, **op)
+                                              for c in copies * 4], device, reps=10)
                     results[config_key(config)] = nbytes / t_ms / 1e6
                 best = sorted(results.items(), key=lambda kv: -kv[1])[:5]
-                default_key = config_key(gemv_config(8, n, k))
+                default_key = config_key(gemv_config(8, n, k, prologue=op.get("prologue")))
                 yield dict(kind="int4_sweep", format="int8", matmul=name, n=n, k=k, m=1, best=best,
                            default=default_key, default_gb_s=results.get(default_key), all=results)
                 log(f"int8 sweep {name}: best {best[:3]}, default {default_key} {results.get(default_key) or 0:.0f} GB/s")
                 del copies
 
 
-def float_gemv_sweep(device: torch.device, dtype: torch.dtype):
-    """GB/s of kernels.py's GEMV on float weights over block sizes and warps, per Llama-2-7B matmul, against
-    cuBLAS (F.linear); and the default config with the RMSNorm prologue, to see what folding the norm in costs."""
+def decode_op(name: str, n: int, k: int, device: torch.device, dtype: torch.dtype) -> tuple:
+    """(x, gemv keywords) for Llama-2-7B matrix `name` as the decode step's DecodeBlock runs it: RMSNorm before
+    wqkv, w13 and the head, SwiGLU before w2 (x is [gate | up]), the residual add after wo and w2."""
+    x = torch.randn(1, 2 * k if name == "w2" else k, device=device, dtype=dtype)
+    if name in ("wqkv", "w13", "output"):
+        return x, dict(prologue="rmsnorm", norm_weight=torch.rand(k, device=device, dtype=dtype) + 0.5, eps=1e-5)
+    kw = dict(residual=torch.randn(1, n, device=device, dtype=dtype))
+    return x, dict(kw, prologue="swiglu") if name == "w2" else kw
+
+
+def float_gemv_sweep(device: torch.device, dtype: torch.dtype, matrices: list):
+    """GB/s of kernels.py's GEMV on float weights over block sizes, split-K and warps, per Llama-2-7B matmul with
+    the op the decode step folds into it (decode_op), against the default config without that op and cuBLAS."""
+    counters = torch.zeros(max(n for _, n, _ in DECODE_MATMULS), dtype=torch.int32, device=device)
     with torch.no_grad():
-        for name, n, k in DECODE_MATMULS:
+        for name, n, k in (m for m in DECODE_MATMULS if m[0] in matrices):
             w = torch.randn(n, k, device=device, dtype=dtype)
             nbytes = w.numel() * w.element_size()
             copies = [w] + [w.clone() for _ in range(weight_copies(nbytes, device) - 1)]
-            x, g = torch.randn(1, k, device=device, dtype=dtype), torch.rand(k, device=device, dtype=dtype)
+            x, op = decode_op(name, n, k, device, dtype)
             results = {}
-            for config in [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=nw, num_stages=ns) for bn in (4, 8, 16)
-                           for bk in (512, 1024) for nw in (4, 8) for ns in (1, 2, 3)]:
-                t_ms = graph_ms_per_call([lambda c=c: gemv(x, c, config=config) for c in copies * 4], device, reps=10)
+            for config in [dict(BLOCK_N=bn, BLOCK_K=1024, SPLIT_K=sk, num_warps=nw, num_stages=ns) for bn in (2, 4, 8)
+                           for sk in (1, 2) for nw in (4, 8) for ns in (2, 3)]:
+                t_ms = graph_ms_per_call([lambda c=c: gemv(x, c, config=config, counters=counters, **op)
+                                          for c in copies * 4], device, reps=10)
                 results[config_key(config)] = nbytes / t_ms / 1e6
-            default = gemv_config(0, n, k)
-            t_default = graph_ms_per_call([lambda c=c: gemv(x, c) for c in copies * 4], device, reps=10)
-            t_norm = graph_ms_per_call([lambda c=c: gemv(x, c, prologue="rmsnorm", norm_weight=g, eps=1e-5)
-                                        for c in copies * 4], device, reps=10)
-            t_cublas = graph_ms_per_call([lambda c=c: F.linear(x, c) for c in copies * 4], device, reps=10)
+            default = gemv_config(0, n, k, prologue=op.get("prologue"))
+            t_default = graph_ms_per_call([lambda c=c: gemv(x, c, counters=counters, **op) for c in copies * 4],
+                                          device, reps=10)
+            x_plain = x[:, :k].contiguous()
+            t_plain = graph_ms_per_call([lambda c=c: gemv(x_plain, c, counters=counters) for c in copies * 4], device,
+                                        reps=10)
+            t_cublas = graph_ms_per_call([lambda c=c: F.linear(x_plain, c) for c in copies * 4], device, reps=10)
             best = sorted(results.items(), key=lambda kv: -kv[1])[:5]
-            r = dict(kind="gemv_sweep", matmul=name, n=n, k=k, best=best, default=config_key(default),
-                     default_gb_s=nbytes / t_default / 1e6, rmsnorm_gb_s=nbytes / t_norm / 1e6,
-                     cublas_gb_s=nbytes / t_cublas / 1e6, all=results)
-            log(f"float gemv sweep {name}: best {best[:3]}, default {r['default']} {r['default_gb_s'] or 0:.0f} GB/s, "
-                f"with rmsnorm {r['rmsnorm_gb_s']:.0f}, cuBLAS {r['cublas_gb_s']:.0f}")
+            r = dict(kind="gemv_sweep", matmul=name, n=n, k=k, op=op.get("prologue") or "residual", best=best,
+                     default=config_key(default), default_gb_s=nbytes / t_default / 1e6,
+                     plain_gb_s=nbytes / t_plain / 1e6, cublas_gb_s=nbytes / t_cublas / 1e6, all=results)
+            log(f"float gemv sweep {name} ({r['op']}): best {best[:3]}, default {r['default']} "
+                f"{r['default_gb_s']:.0f} GB/s; without the op {r['plain_gb_s']:.0f}, cuBLAS {r['cublas_gb_s']:.0f}")
             yield r
             del copies, w
 
@@ -432,10 +451,13 @@ def attention_microbench(device: torch.device, dtype: torch.dtype, seq: int = 21
     qkv = torch.randn(1, 96 * 128, device=device, dtype=dtype)
     rope = torch.randn(1, 64, 2, device=device)
     pos = torch.tensor([seq // 2], device=device)
-    for chunk, block_s, warps in ((256, 64, 4), (64, 64, 4), (32, 32, 2), (32, 32, 1), (16, 16, 1)):
+    counters = torch.zeros(32, dtype=torch.int32, device=device)
+    for chunk, block_s, warps in ((256, 64, 4), (64, 64, 4), (32, 32, 2), (32, 32, 1), (32, 16, 1), (16, 16, 1),
+                                  (16, 16, 2)):
         config = dict(CHUNK=chunk, BLOCK_S=block_s, num_warps=warps)
         result[f"ours chunk {chunk} block {block_s} warps {warps}"] = 1e3 * graph_ms_per_call(
-            [lambda kv=kv: decode_attention(qkv, rope, *kv, pos, 32, 32, config=config) for kv in caches], device)
+            [lambda kv=kv: decode_attention(qkv, rope, *kv, pos, 32, 32, config=config, counters=counters)
+             for kv in caches], device)
     log("attention per decode layer (us): " + ", ".join(f"{k} {v:.1f}" for k, v in result.items()))
     return dict(kind="attention_microbench", seq=seq, us=result)
 
@@ -738,12 +760,12 @@ def main(a: argparse.Namespace):
         records.append(attention_microbench(device, DTYPES[a.precision]))
         save(a.out, records[-1], env)
     if a.gemv_sweep:
-        for r in float_gemv_sweep(device, DTYPES[a.precision]):
+        for r in float_gemv_sweep(device, DTYPES[a.precision], a.sweep_matrix):
             records.append(r)
             save(a.out, r, env)
         free_memory(device)
     if a.int4_sweep:
-        for r in int4_sweep(device, DTYPES[a.precision], a.groupsize, a.quant_m):
+        for r in int4_sweep(device, DTYPES[a.precision], a.groupsize, a.quant_m, a.sweep_matrix):
             records.append(r)
             save(a.out, r, env)
         free_memory(device)
@@ -858,6 +880,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--attention_microbench", action="store_true", help="decode attention per SDPA backend")
     p.add_argument("--gemv_sweep", action="store_true", help="sweep the float decode GEMV's block sizes")
     p.add_argument("--int4_sweep", action="store_true", help="sweep the int4 decode kernel's block sizes")
+    p.add_argument("--sweep_matrix", action="append", choices=[m[0] for m in DECODE_MATMULS], default=None,
+                   help="with --gemv_sweep / --int4_sweep: only these Llama-2-7B matrices (default: all)")
     p.add_argument("--profile", action="store_true", help="print the decode step's kernels by device time")
     p.add_argument("--decode_kernels", action="append", choices=["on", "off"],
                    help="kernels.py's decode layer (CUDA) or inductor's kernels (off); repeat to compare (default: on)")
@@ -881,6 +905,7 @@ def parse_args() -> argparse.Namespace:
     a = p.parse_args()
     a.quant_m = a.quant_m or [1, 6]
     a.decode_kernels = a.decode_kernels or ["on"]
+    a.sweep_matrix = a.sweep_matrix or [m[0] for m in DECODE_MATMULS]
     a.allreduce = a.allreduce or ["symm"]
     if a.prompt_len < 1 or a.max_new_tokens < 2 or a.runs < 1 or a.batch_size < 1:
         p.error("need --prompt_len >= 1, --max_new_tokens >= 2, --runs >= 1 and --batch_size >= 1")
