@@ -55,7 +55,7 @@ if triton is not None:
         """y[N] = W @ prologue(x) for one row x (decode), RESIDUAL: y = r + W @ prologue(x), the residual stream's
         add done before the one rounding to y's dtype. BITS = 0: float weights [N, K]. BITS = 4: int4 with a scale
         and offset per GROUP columns (BLOCK_K <= GROUP, so a block lies in one group). BITS = 8: signed int8 with
-        one scale per row (GROUP spans the row; o_ptr unused).
+        one scale per row (GROUP and o_ptr unused).
 
         Split-K (SPLIT_K programs share a block of rows, each a share of K: more loads in flight when N is small)
         in one launch: each program leaves its partial sums (part [SPLIT_K, N] float32; rmsnorm: its sum of
@@ -96,7 +96,10 @@ if triton is not None:
             PER_WORD: tl.constexpr = 32 // BITS
             WORDS: tl.constexpr = BLOCK_K // PER_WORD
             MANTISSA: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            # [BLOCK_N, WORDS] float32 tiles, reduced across threads once at the end, not once per block
+            acc2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+            xf = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)  # int8: sum(x f) over the whole share of K
+            x_sum = tl.zeros((WORDS,), dtype=tl.float32)
             ss = tl.zeros((WORDS,), dtype=tl.float32)
             for k0 in range(k_start, k_end, BLOCK_K):
                 t = k0 // PER_WORD + tl.arange(0, WORDS)
@@ -107,8 +110,9 @@ if triton is not None:
                                     mask=n_ok[:, None] & (t < row_words)[None, :], other=0)  # [BN, WORDS]
                 if BITS == 8:
                     words = words ^ -0x7F7F7F80  # 0x80808080 as int32: signed bytes b -> unsigned u = b + 128
-                xf = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-                x_sum = tl.zeros((WORDS,), dtype=tl.float32)
+                if BITS == 4:  # a group's sums: x f, and x for the offset term
+                    xf = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+                    x_sum = tl.zeros((WORDS,), dtype=tl.float32)
                 for i in tl.static_range(PER_WORD):
                     x, sq = _load_x(x_ptr, g_ptr, PER_WORD * t + i, K, EVEN_K, PROLOGUE)  # value i's columns
                     if BITS * i <= 23 - BITS:
@@ -119,14 +123,16 @@ if triton is not None:
                     xf += x[None, :] * f
                     x_sum += x
                     ss += sq
-                g = k0 // GROUP
-                s = tl.load(s_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-                if BITS == 8:
-                    o = -128.0 * s
-                else:
+                if BITS == 4:
+                    g = k0 // GROUP
+                    s = tl.load(s_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
                     o = tl.load(o_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-                s = s * (1 << BITS)
-                acc += tl.sum(xf, axis=1) * s + tl.sum(x_sum, axis=0) * (o - s)
+                    acc2 += xf * (16 * s)[:, None] + x_sum[None, :] * (o - 16 * s)[:, None]
+            if BITS == 8:  # one scale s per row: u * s - 128 s
+                s = tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+                acc = tl.sum(xf, axis=1) * (256 * s) + tl.sum(x_sum, axis=0) * (-128 * s - 256 * s)
+            else:
+                acc = tl.sum(acc2, axis=1)
         ss = tl.sum(ss, axis=0)
         if SPLIT_K == 1:
             _gemv_epilogue(acc, ss, r_ptr, y_ptr, rn, n_ok, K, eps, PROLOGUE, RESIDUAL)
@@ -301,8 +307,6 @@ def gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, offsets: Op
     k = x.shape[1] // 2 if prologue == "swiglu" else x.shape[1]
     config = dict(config or gemv_config(bits, n, k, group_size or 128, prologue))
     split = config.pop("SPLIT_K", 1)
-    if bits == 8:
-        group_size = triton.cdiv(k, config["BLOCK_K"]) * config["BLOCK_K"]  # one scale for the whole row
     w = weight if bits == 0 else weight.view(torch.int32)
     blocks, row_blocks = triton.cdiv(k, config["BLOCK_K"]), triton.cdiv(n, config["BLOCK_N"])
     k_per_split = triton.cdiv(blocks, split) * config["BLOCK_K"]

@@ -1,12 +1,19 @@
 """kernels.py: the decode GEMV with its fused prologues and residual, the decode attention, and fuse_decode's module
 swap, against PyTorch.
 Without a GPU the Triton kernels run in Triton's interpreter (conftest.py), in float32."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from generate import load_model
-from kernels import DecodeBlock, DecodeLinear, decode_attention, fuse_decode, gemv
+from kernels import (DecodeBlock, DecodeLinear, attention_config, decode_attention, fuse_decode, gemv, gemv_config,
+                     triton)
 from model import ModelArgs, RMSNorm, apply_rotary_emb, causal_mask, precompute_rope
 from quantize import dequantize_int4, quantize_checkpoint, quantize_int4, quantize_int8
 
@@ -146,3 +153,59 @@ def test_fused_decode_model_gives_the_unfused_logits(family, scheme, hf_checkpoi
                 assert error(step[1], step[0]) <= TOL
             else:
                 assert error(step[1], step[2]) <= max(2e-2, 1.25 * error(step[0], step[2]))
+
+
+# Compiled in a fresh interpreter: once Triton's interpreter has run in a process it has patched triton.language
+HOPPER_PTX = """
+import json, sys
+import kernels
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton import compile
+features = {}
+for name, pointers, constexprs, warps in json.loads(sys.argv[1]):
+    kernel = getattr(kernels, name)
+    signature = {a: "constexpr" if a in constexprs else pointers.get(a, "*bf16") if a.endswith("_ptr")
+                 else "fp64" if a == "eps" else "i32" for a in kernel.arg_names}
+    ptx = compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                  target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps)).asm["ptx"]
+    features[json.dumps(constexprs)] = [f for f in ("atom.global.gpu.acq_rel.add", "ld.global.cg") if f in ptx]
+print(json.dumps(features))
+"""
+
+
+def test_kernels_compile_for_hopper_with_the_types_inductor_passes():
+    # The interpreter runs the kernels as Python; Triton's compiler also checks types across branches, and an H200
+    # run once failed there (inductor passes a float64 eps, which met a float32 accumulator) with every CPU test
+    # passing. So compile each kind of launch for sm_90 (PTX; no GPU needed): pointers bf16 where not named,
+    # integers int32, eps float64. One-launch split-K must arrive by one gpu-scope acq_rel atomic and read the
+    # partials from L2 (.cg); a launch without splits must do neither.
+    pytest.importorskip("triton.backends.nvidia")
+    launches = []
+    for bits, split, prologue in [(0, 1, 1), (0, 2, 1), (0, 1, 2), (8, 4, 1), (8, 1, 0), (4, 8, 0)]:
+        config = gemv_config(bits, 4096, 4096, 128, {0: None, 1: "rmsnorm", 2: "swiglu"}[prologue])
+        pointers = dict(w_ptr="*bf16" if bits == 0 else "*i32", part_ptr="*fp32",
+                        ss_ptr="*fp32" if prologue == 1 and split > 1 else "*bf16",
+                        count_ptr="*i32" if split > 1 else "*bf16")
+        launches.append(("_gemv_kernel", pointers, dict(
+            K=4096, BITS=bits, GROUP=128 if bits == 4 else 4096, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+            EVEN_K=True, PROLOGUE=prologue, SPLIT_K=split, RESIDUAL=True), config["num_warps"]))
+    config = attention_config(216)
+    for splits in (1, 14):
+        f32 = "*fp32" if splits > 1 else "*bf16"
+        pointers = dict(rope_ptr="*fp32", pos_ptr="*i64", part_ptr=f32, ml_ptr=f32,
+                        count_ptr="*i32" if splits > 1 else "*bf16")
+        launches.append(("_decode_attention_kernel", pointers, dict(
+            QK_SCALE=0.1275, H=32, H_KV=8, D=128, CHUNK=config["CHUNK"] if splits > 1 else 256,
+            BLOCK_S=config["BLOCK_S"], SPLITS=splits, BLOCK_SPLITS=triton.next_power_of_2(splits)),
+            config["num_warps"]))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", HOPPER_PTX, json.dumps(launches)], cwd=Path(__file__).parent.parent,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    features = json.loads(done.stdout.splitlines()[-1])
+    for _, _, constexprs, _ in launches:
+        split = constexprs.get("SPLIT_K", constexprs.get("SPLITS"))
+        expected = ["atom.global.gpu.acq_rel.add", "ld.global.cg"] if split > 1 else []
+        assert features[json.dumps(constexprs)] == expected, constexprs
+
