@@ -318,7 +318,7 @@ def config_key(config: dict) -> str:
 
 def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: list, matrices: list):
     """GB/s of the int4 kernels over block sizes and warps, per Llama-2-7B matmul and row count m; the best
-    ones set quantize.int4_config."""
+    ones set kernels.gemv_config and int4_config."""
     counters = torch.zeros(max(n for _, n, _ in DECODE_MATMULS), dtype=torch.int32, device=device)
     with torch.no_grad():
         for name, n, k in (m for m in DECODE_MATMULS if m[0] in matrices):
