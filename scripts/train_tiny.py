@@ -36,8 +36,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from eval import mean_nll, read_text, stdlib_split, token_stream  # noqa: E402
-from generate import pick_device  # noqa: E402
-from model import ModelArgs, Transformer, UserError, save_checkpoint  # noqa: E402
+from generate import load_model, pick_device  # noqa: E402
+from model import ModelArgs, Transformer, UserError, load_checkpoint, save_checkpoint  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 VOCAB_SIZE = 2048  # the presets' default; the model takes the tokenizer's actual size
@@ -117,9 +117,13 @@ def random_windows(stream: torch.Tensor, batch_size: int, seq_len: int, generato
 
 def train(model: Transformer, stream: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int,
           seq_len: int = SEQ_LEN, weight_decay: float = 0.1, compile: bool = False, log_every: int = 50,
-          on_log=None) -> list:
+          on_log=None, teacher: Optional[Transformer] = None) -> list:
     """Train model in place on random windows of stream [N] (on the model's device); returns the losses.
-    compile: run the training forward through torch.compile (one graph: every batch has the same shape)."""
+    compile: run the training forward through torch.compile (one graph: every batch has the same shape).
+    teacher: distill, i.e. fit the teacher's next-token distributions on the same windows (soft cross-entropy,
+    whose gradient is that of the forward KL(teacher || model); Hinton et al. 2015, arXiv:1503.02531) instead of
+    the data's next tokens. A draft distilled from its target agrees with it more often (DistillSpec, Zhou et al.
+    2023, arXiv:2310.08461), and agreement is what speculative decoding's acceptance is."""
     generator = torch.Generator(stream.device).manual_seed(seed)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -127,6 +131,7 @@ def train(model: Transformer, stream: torch.Tensor, steps: int, batch_size: int,
                             lr=lr, betas=(0.9, 0.95), eps=1e-8)
     warmup = max(1, min(200, steps // 10))
     forward = torch.compile(model) if compile else model
+    teacher_forward = None if teacher is None else (torch.compile(teacher) if compile else teacher)
     losses = []
     model.train()
     for step in range(steps):
@@ -134,7 +139,12 @@ def train(model: Transformer, stream: torch.Tensor, steps: int, batch_size: int,
             group["lr"] = lr_at(step, steps, lr, warmup)
         x, y = random_windows(stream, batch_size, seq_len, generator)
         logits = forward(x)  # [B, S, vocab]: the whole window, no KV cache
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        if teacher_forward is None:
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        else:
+            with torch.no_grad():
+                target_probs = teacher_forward(x).float().softmax(-1)  # [B, S, vocab]
+            loss = -(target_probs * logits.float().log_softmax(-1)).sum(-1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -144,6 +154,20 @@ def train(model: Transformer, stream: torch.Tensor, steps: int, batch_size: int,
             on_log(step + 1, losses)
     model.eval()
     return losses
+
+
+@torch.no_grad()
+def top1_agreement(model: Transformer, teacher: Transformer, stream: torch.Tensor, window: int = SEQ_LEN,
+                   batch_size: int = 8) -> float:
+    """Fraction of positions of stream's non-overlapping windows where model's and teacher's most likely next
+    tokens are the same: the chance that greedy speculative decoding accepts a draft token (given its prefix)."""
+    n_windows = (len(stream) - 1) // window
+    inputs = stream[:n_windows * window].view(n_windows, window)
+    same = 0
+    for start in range(0, n_windows, batch_size):
+        x = inputs[start:start + batch_size]
+        same += (model(x).argmax(-1) == teacher(x).argmax(-1)).sum().item()
+    return same / (n_windows * window)
 
 
 def checkpoint_state_dict(model: Transformer, dtype: torch.dtype) -> dict:
@@ -158,9 +182,23 @@ def log(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
 
+def check_teacher(distill_from: Path, tokenizer_path: Optional[Path]):
+    """Refuse, before any work, a teacher that is missing or does not share the student's tokenizer."""
+    if not distill_from.is_file():
+        raise UserError(f"--distill_from {distill_from} not found; pass the target's model.pth")
+    if tokenizer_path is None:
+        raise UserError("--distill_from needs --tokenizer_path: the student must use the teacher's tokenizer")
+    teacher_vocab = ModelArgs.from_dict(load_checkpoint(distill_from)["model_args"]).vocab_size
+    vocab = load_tokenizer(tokenizer_path).vocab_size
+    if teacher_vocab != vocab:
+        raise UserError(f"--distill_from {distill_from} has a vocabulary of {teacher_vocab} tokens, the tokenizer "
+                        f"{tokenizer_path} {vocab}; pass the teacher's own tokenizer with --tokenizer_path")
+
+
 def main(preset: str, out: Path, steps: Optional[int], batch_size: Optional[int], lr: Optional[float], seed: int,
          device: Optional[str], dtype: str, tokenizer_path: Optional[Path], vocab_size: int,
-         source_dir: Optional[Path], eval_windows: int, compile: bool, force: bool):
+         source_dir: Optional[Path], eval_windows: int, compile: bool, force: bool,
+         distill_from: Optional[Path] = None):
     tok_out = out / "tokenizer.model"
     reuse_tokenizer = tokenizer_path is not None and tokenizer_path.resolve() == tok_out.resolve()
     written = [out / "model.pth", out / "train_info.json"] + ([] if reuse_tokenizer else [tok_out])
@@ -169,6 +207,8 @@ def main(preset: str, out: Path, steps: Optional[int], batch_size: Optional[int]
         raise UserError(f"{', '.join(existing)} exist{'s' if len(existing) == 1 else ''}; pass --force to overwrite")
     if tokenizer_path is not None and not tokenizer_path.is_file():
         raise UserError(f"tokenizer {tokenizer_path} not found")
+    if distill_from is not None:
+        check_teacher(distill_from, tokenizer_path)
     cfg = PRESETS[preset]
     steps, batch_size, lr = steps or cfg["steps"], batch_size or cfg["batch_size"], lr or cfg["lr"]
     device = pick_device(device, None)[0]
@@ -198,6 +238,11 @@ def main(preset: str, out: Path, steps: Optional[int], batch_size: Optional[int]
     log(f"tokenized: {len(train_stream)} training and {len(val_stream)} validation tokens "
         f"in {time.perf_counter() - t0:.1f} s")
 
+    teacher = None
+    if distill_from is not None:
+        teacher = load_model(distill_from, device, torch.float32, decode_kernels=False).eval()
+        log(f"distilling from {distill_from}")
+
     torch.manual_seed(seed)
     model = Transformer(args).to(device)
     init_weights(model)
@@ -213,10 +258,15 @@ def main(preset: str, out: Path, steps: Optional[int], batch_size: Optional[int]
             f"{time.perf_counter() - t_train:.0f} s")
 
     losses = train(model, train_stream, steps, batch_size, lr, seed, compile=compile, on_log=on_log,
-                   log_every=max(1, steps // 20))
+                   log_every=max(1, steps // 20), teacher=teacher)
     train_s = time.perf_counter() - t_train
     val_loss, val_tokens = mean_nll(model, val_stream, SEQ_LEN, batch_size)
     log(f"validation loss {val_loss:.4f} (perplexity {math.exp(val_loss):.3f}) over {val_tokens} tokens")
+    distilled = {}
+    if teacher is not None:
+        agreement = top1_agreement(model, teacher, val_stream)
+        log(f"top-1 agreement with the teacher on validation: {agreement:.4f}")
+        distilled = {"distilled_from": str(distill_from), "validation_top1_agreement": round(agreement, 4)}
 
     save_checkpoint(out / "model.pth", checkpoint_state_dict(model, DTYPES[dtype]), args,
                     tokenizer={"bos_id": tokenizer.bos_id, "eos_ids": [tokenizer.eos_id], "special_tokens": {},
@@ -227,7 +277,7 @@ def main(preset: str, out: Path, steps: Optional[int], batch_size: Optional[int]
             "validation_files": len(val_files), "train_tokens": len(train_stream), "validation_tokens": len(val_stream),
             "final_train_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
             "validation_loss": round(val_loss, 4), "validation_perplexity": round(math.exp(val_loss), 3),
-            "train_seconds": round(train_s, 1), "total_seconds": round(time.perf_counter() - t_start, 1),
+            **distilled, "train_seconds": round(train_s, 1), "total_seconds": round(time.perf_counter() - t_start, 1),
             "command": "python scripts/train_tiny.py " + " ".join(sys.argv[1:])}
     tmp = out / "train_info.json.tmp"
     tmp.write_text(json.dumps(info, indent=2) + "\n")
@@ -255,6 +305,9 @@ if __name__ == "__main__":
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step's forward "
                         "(about 30 s to compile; faster steps after)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing model.pth")
+    parser.add_argument("--distill_from", type=Path, default=None,
+                        help="a model.pth to distill (a draft from its target): fit its next-token distributions "
+                        "instead of the data's tokens; needs the same tokenizer (--tokenizer_path)")
     try:
         main(**vars(parser.parse_args()))
     except UserError as e:

@@ -103,6 +103,42 @@ def write_fake_stdlib(folder, n_files: int = 8):
         (folder / name).write_text("\n".join(lines[i * 150:(i + 1) * 150]) + "\n")
 
 
+def test_distilling_makes_the_student_agree_with_its_teacher_more_than_training_on_the_data(corpus_stream):
+    from train_tiny import top1_agreement, train
+
+    # a teacher the data cannot teach: a random model with peaked logits (std about 8), whose argmax is its own
+    teacher = tiny_model(seed=5)
+    with torch.no_grad():
+        teacher.output.weight.mul_(50)
+    teacher.eval()
+    student_args = ModelArgs(**{**TINY.to_dict(), "n_layers": 1})
+    on_data, distilled = tiny_model(seed=1, args=student_args), tiny_model(seed=1, args=student_args)
+    train(on_data, corpus_stream, steps=40, batch_size=8, lr=3e-3, seed=0, seq_len=32)
+    losses = train(distilled, corpus_stream, steps=40, batch_size=8, lr=3e-3, seed=0, seq_len=32, teacher=teacher)
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.5  # the soft cross-entropy to the teacher falls
+    held_out = corpus_stream[-(4 * 32 + 1):]
+    agree_on_data = top1_agreement(on_data, teacher, held_out, window=32)
+    agree_distilled = top1_agreement(distilled, teacher, held_out, window=32)
+    assert agree_distilled > agree_on_data + 0.2, (agree_distilled, agree_on_data)
+
+
+def test_train_tiny_refuses_a_teacher_that_is_missing_or_has_another_vocabulary(tmp_path, sentencepiece_model_path):
+    src, out = tmp_path / "lib", tmp_path / "out"
+    src.mkdir()
+    write_fake_stdlib(src)
+    args = ["--preset", "draft", "--out", out, "--steps", 1, "--batch_size", 2, "--source_dir", src,
+            "--eval_windows", 1, "--device", "cpu", "--tokenizer_path", sentencepiece_model_path]
+    assert_one_line_error(run(TRAIN, *args, "--distill_from", tmp_path / "none.pth"), "--distill_from", "not found")
+    other_vocab = ModelArgs(**{**TINY.to_dict(), "vocab_size": 300})
+    save_checkpoint(tmp_path / "teacher.pth", tiny_model(args=other_vocab).state_dict(), other_vocab, tokenizer=FACTS)
+    assert_one_line_error(run(TRAIN, *args, "--distill_from", tmp_path / "teacher.pth"),
+                          "vocabulary of 300 tokens", "--tokenizer_path")
+    no_tokenizer = args[:-2]
+    assert_one_line_error(run(TRAIN, *no_tokenizer, "--distill_from", tmp_path / "teacher.pth"),
+                          "needs --tokenizer_path")
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_train_tiny_cli_writes_a_checkpoint_generate_reads_and_refuses_to_overwrite(tmp_path):
     src, out = tmp_path / "lib", tmp_path / "out"
     src.mkdir()
