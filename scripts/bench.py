@@ -326,10 +326,11 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
             nbytes = sum(t.numel() * t.element_size() for t in tensors)
             copies = [tensors] + [tuple(t.clone() for t in tensors) for _ in range(weight_copies(nbytes, device) - 1)]
             for m in ms:
-                x = torch.randn(m, k, device=device, dtype=dtype)
-                if m == 1:
+                x, op = torch.randn(m, k, device=device, dtype=dtype), {}
+                if m == 1:  # the decode GEMV, with the op the decode step folds in
+                    x, op = decode_op(name, n, k, device, dtype)
                     grid = [dict(BLOCK_N=bn, BLOCK_K=min(group_size, 128), SPLIT_K=sk, num_warps=w)
-                            for bn in (16, 32, 64) for sk in (2, 4, 8) for w in (1, 2)]
+                            for bn in (32, 64, 128) for sk in (4, 8, 16, 32) for w in (1, 2, 4)]
                 else:
                     grid = [dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=bn, BLOCK_K=bk, num_warps=w)
                             for bn in (16, 32, 64, 128) for bk in (32, 64, 128) if bk <= group_size for w in (2, 4, 8)]
@@ -337,9 +338,13 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
                 for config in grid:
                     key = config_key(config)
                     try:
-                        t_ms = graph_ms_per_call([lambda c=c: int4_matmul(x, *c, group_size, config=config,
-                                                                          counters=counters)
-                                                  for c in copies * 4], device, reps=10)
+                        if m == 1:
+                            calls = [lambda c=c: gemv(x, *c, bits=4, group_size=group_size, config=config,
+                                                      counters=counters, **op) for c in copies * 4]
+                        else:
+                            calls = [lambda c=c: int4_matmul(x, *c, group_size, config=config, counters=counters)
+                                     for c in copies * 4]
+                        t_ms = graph_ms_per_call(calls, device, reps=10)
                     except Exception as e:  # noqa: BLE001 -- e.g. too many registers: skip that config
                         log(f"int4 sweep {name} m={m} {key}: {str(e).splitlines()[0][:120]}")
                         continue
@@ -358,8 +363,8 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
                 copies = [(q8, s8)] + [(q8.clone(), s8.clone()) for _ in range(weight_copies(nbytes, device) - 1)]
                 x, op = decode_op(name, n, k, device, dtype)  # with the op the decode step folds in
                 results = {}
-                for config in [dict(BLOCK_N=bn, BLOCK_K=512, SPLIT_K=sk, num_warps=w) for bn in (16, 32)
-                               for sk in (1, 2, 4) for w in (2, 4)]:
+                for config in [dict(BLOCK_N=bn, BLOCK_K=512, SPLIT_K=sk, num_warps=w) for bn in (16, 32, 64)
+                               for sk in (1, 2, 4, 8) for w in (2, 4, 8)]:
                     t_ms = graph_ms_per_call([lambda c=c: gemv(x, c[0], c[1], bits=8, config=config,
                                                                counters=counters, **op)
                                               for c in copies * 4], device, reps=10)
