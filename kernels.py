@@ -280,10 +280,8 @@ def gemv_config(bits: int, n: int, k: int, group_size: int = 128, prologue: Opti
     """Block sizes, split-K and warps of _gemv_kernel per weight format, shape and prologue; tuned on an H200 with
     scripts/bench.py --gemv_sweep --int4_sweep, each matrix with the op the decode step folds into it
     (BENCHMARKS.md). Split-K pays where N is small (wo, w2: more programs, more loads in flight)."""
-    if bits == 4:  # 64 rows a program: the work on x (its loads, the prologue, its sums) is shared by more rows
-        if n <= 8192:
-            return dict(BLOCK_N=64, BLOCK_K=min(group_size, 128), SPLIT_K=16, num_warps=1)
-        return dict(BLOCK_N=64, BLOCK_K=min(group_size, 128), SPLIT_K=8, num_warps=2)
+    if bits == 4:
+        return dict(BLOCK_N=32, BLOCK_K=min(group_size, 128), SPLIT_K=8, num_warps=2 if n <= 8192 else 1)
     if bits == 8:
         if n <= 8192:
             return dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=4, num_warps=4)

@@ -327,8 +327,8 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
             copies = [tensors] + [tuple(t.clone() for t in tensors) for _ in range(weight_copies(nbytes, device) - 1)]
             for m in ms:
                 x, op = torch.randn(m, k, device=device, dtype=dtype), {}
-                if m == 1:  # the decode GEMV, with the op the decode step folds in
-                    x, op = decode_op(name, n, k, device, dtype)
+                if m == 1:  # as the decode step runs int4 (kernels.takes_prologue): the residual add, no prologue
+                    op = dict(residual=torch.randn(1, n, device=device, dtype=dtype)) if name in ("wo", "w2") else {}
                     grid = [dict(BLOCK_N=bn, BLOCK_K=min(group_size, 128), SPLIT_K=sk, num_warps=w)
                             for bn in (32, 64, 128) for sk in (4, 8, 16, 32) for w in (1, 2, 4)]
                 else:
