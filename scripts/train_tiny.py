@@ -3,7 +3,8 @@ model.py) on the Python standard library's source files.
 
     python scripts/train_tiny.py --preset target --out models/stdlib-target --compile
     python scripts/train_tiny.py --preset draft --out models/stdlib-draft --compile \\
-        --tokenizer_path models/stdlib-target/tokenizer.model          # the draft shares the target's tokenizer
+        --tokenizer_path models/stdlib-target/tokenizer.model \\
+        --distill_from models/stdlib-target/model.pth     # the draft shares the target's tokenizer, learns its outputs
 
 Data: the .py files of the standard library of the Python that runs this (or of --source_dir), less tests,
 third-party packages and the data tables of encodings/ and pydoc_data/ (eval.stdlib_files). The split is
