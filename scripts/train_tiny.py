@@ -189,8 +189,11 @@ def check_teacher(distill_from: Path, tokenizer_path: Optional[Path]):
         raise UserError(f"--distill_from {distill_from} not found; pass the target's model.pth")
     if tokenizer_path is None:
         raise UserError("--distill_from needs --tokenizer_path: the student must use the teacher's tokenizer")
-    teacher_vocab = ModelArgs.from_dict(load_checkpoint(distill_from)["model_args"]).vocab_size
-    vocab = load_tokenizer(tokenizer_path).vocab_size
+    teacher_args = ModelArgs.from_dict(load_checkpoint(distill_from)["model_args"])
+    if teacher_args.max_seq_len < SEQ_LEN:
+        raise UserError(f"--distill_from {distill_from} has a context of {teacher_args.max_seq_len} tokens, fewer "
+                        f"than the {SEQ_LEN}-token training windows; pass a teacher with a longer context")
+    teacher_vocab, vocab = teacher_args.vocab_size, load_tokenizer(tokenizer_path).vocab_size
     if teacher_vocab != vocab:
         raise UserError(f"--distill_from {distill_from} has a vocabulary of {teacher_vocab} tokens, the tokenizer "
                         f"{tokenizer_path} {vocab}; pass the teacher's own tokenizer with --tokenizer_path")

@@ -129,10 +129,13 @@ def test_train_tiny_refuses_a_teacher_that_is_missing_or_has_another_vocabulary(
     args = ["--preset", "draft", "--out", out, "--steps", 1, "--batch_size", 2, "--source_dir", src,
             "--eval_windows", 1, "--device", "cpu", "--tokenizer_path", sentencepiece_model_path]
     assert_one_line_error(run(TRAIN, *args, "--distill_from", tmp_path / "none.pth"), "--distill_from", "not found")
-    other_vocab = ModelArgs(**{**TINY.to_dict(), "vocab_size": 300})
+    other_vocab = ModelArgs(**{**TINY.to_dict(), "vocab_size": 300, "max_seq_len": 256})
     save_checkpoint(tmp_path / "teacher.pth", tiny_model(args=other_vocab).state_dict(), other_vocab, tokenizer=FACTS)
     assert_one_line_error(run(TRAIN, *args, "--distill_from", tmp_path / "teacher.pth"),
                           "vocabulary of 300 tokens", "--tokenizer_path")
+    short = ModelArgs(**{**TINY.to_dict(), "max_seq_len": 64})  # (TINY's own context)
+    save_checkpoint(tmp_path / "short.pth", tiny_model(args=short).state_dict(), short, tokenizer=FACTS)
+    assert_one_line_error(run(TRAIN, *args, "--distill_from", tmp_path / "short.pth"), "context of 64 tokens")
     no_tokenizer = args[:-2]
     assert_one_line_error(run(TRAIN, *no_tokenizer, "--distill_from", tmp_path / "teacher.pth"),
                           "needs --tokenizer_path")
