@@ -11,7 +11,8 @@ kernels, not a dozen:
 _decode_attention_kernel does the rest of attention for one token: RoPE, the KV cache write, split-KV softmax.
 fuse_decode(model) swaps each TransformerBlock for a DecodeBlock and the final norm + output head for a
 DecodeLinear, in place, after loading. With more than one token (prefill, speculative verify) or off CUDA, the
-model's own modules run, unchanged. _int4_matmul_kernel multiplies several rows by int4 weights on tensor cores.
+model's own modules run, unchanged. _int4_mma_kernel multiplies several rows by int4 weights on tensor cores
+(the k + 1 rows of a speculative verify, prefill).
 """
 from typing import Optional
 
@@ -51,7 +52,8 @@ if triton is not None:
     def _gemv_kernel(x_ptr, g_ptr, w_ptr, s_ptr, o_ptr, r_ptr, y_ptr, part_ptr, ss_ptr, count_ptr, N,
                      K: tl.constexpr, row_words, stride_wn, stride_sn, k_per_split, eps, BITS: tl.constexpr,
                      GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     PROLOGUE: tl.constexpr, SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr):
+                     PROLOGUE: tl.constexpr, SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr,
+                     PREFETCH: tl.constexpr):
         """y[N] = W @ prologue(x) for one row x (decode), RESIDUAL: y = r + W @ prologue(x), the residual stream's
         add done before the one rounding to y's dtype. BITS = 0: float weights [N, K]. BITS = 4: int4 with a scale
         and offset per GROUP columns (BLOCK_K <= GROUP, so a block lies in one group). BITS = 8: signed int8 with
@@ -68,7 +70,9 @@ if triton is not None:
         BITS * i. Moving a value u to the top mantissa bits (22 down) and or-ing in the exponent of 1.0 gives
         f = 1 + u / 2^BITS with two integer ops, no int-to-float conversion (a slow instruction). Then u * s + o
         = f * (2^BITS s) + (o - 2^BITS s), so a group adds 2^BITS s * sum(x f) + (o - 2^BITS s) * sum(x): one
-        multiply-add per weight, the scales applied once per group. int8 stores b = u - 128."""
+        multiply-add per weight, the scales applied once per group. int8 stores b = u - 128. PREFETCH: each
+        iteration loads the next block's words before it uses this block's (registers double-buffered), one more
+        load in flight per thread where Triton's pipelining would go through shared memory."""
         pid_n, split = tl.program_id(0), tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
@@ -101,13 +105,18 @@ if triton is not None:
             xf = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)  # int8: sum(x f) over the whole share of K
             x_sum = tl.zeros((WORDS,), dtype=tl.float32)
             ss = tl.zeros((WORDS,), dtype=tl.float32)
+            # int4 rows are padded to whole groups, so they never end inside a block; the last int8 block may
+            if PREFETCH:  # the next block's words load while this block's are used
+                end = tl.minimum(row_words, k_end // PER_WORD)
+                words_next = _load_words(w_ptr, rn, n_ok, k_start // PER_WORD + tl.arange(0, WORDS), end, stride_wn,
+                                         True)
             for k0 in range(k_start, k_end, BLOCK_K):
                 t = k0 // PER_WORD + tl.arange(0, WORDS)
-                if EVEN_K:  # (int4 rows are padded to whole groups, so they never end inside a block)
-                    words = tl.load(w_ptr + rn[:, None] * stride_wn + t[None, :], mask=n_ok[:, None], other=0)
-                else:  # the last block runs past the row's end
-                    words = tl.load(w_ptr + rn[:, None] * stride_wn + t[None, :],
-                                    mask=n_ok[:, None] & (t < row_words)[None, :], other=0)  # [BN, WORDS]
+                if PREFETCH:
+                    words = words_next
+                    words_next = _load_words(w_ptr, rn, n_ok, t + WORDS, end, stride_wn, True)
+                else:
+                    words = _load_words(w_ptr, rn, n_ok, t, row_words, stride_wn, not EVEN_K)
                 if BITS == 8:
                     words = words ^ -0x7F7F7F80  # 0x80808080 as int32: signed bytes b -> unsigned u = b + 128
                 if BITS == 4:  # a group's sums: x f, and x for the offset term
@@ -154,6 +163,14 @@ if triton is not None:
                 _gemv_epilogue(total, total_ss, r_ptr, y_ptr, rn, n_ok, K, eps, PROLOGUE, RESIDUAL)
 
     @triton.jit
+    def _load_words(w_ptr, rn, n_ok, t, end, stride_wn, CHECK_END: tl.constexpr):
+        """Words t [WORDS] of rows rn [BLOCK_N] of quantized weights, 0 past word `end` where CHECK_END."""
+        if CHECK_END:
+            return tl.load(w_ptr + rn[:, None] * stride_wn + t[None, :], mask=n_ok[:, None] & (t < end)[None, :],
+                           other=0)  # [BN, WORDS]
+        return tl.load(w_ptr + rn[:, None] * stride_wn + t[None, :], mask=n_ok[:, None], other=0)
+
+    @triton.jit
     def _gemv_epilogue(acc, ss, r_ptr, y_ptr, rn, n_ok, K: tl.constexpr, eps, PROLOGUE: tl.constexpr,
                        RESIDUAL: tl.constexpr):
         """y[rn] = acc, times rmsnorm's rsqrt(mean of x^2 + eps) (ss: the sum of x^2), plus the residual r[rn]."""
@@ -164,32 +181,130 @@ if triton is not None:
         tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.jit
-    def _int4_matmul_kernel(x_ptr, w_ptr, s_ptr, o_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                            GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """y[M, N] = x[M, K] @ dequant(w).T for several rows (speculative verify, prefill): dequantize a block
-        in registers and multiply on tensor cores, accumulating in float32. BLOCK_K <= GROUP."""
-        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+    def _int4_as_float(words, i: tl.constexpr, dtype: tl.constexpr):
+        """128 + u for the 4-bit value u at bits 4i of each int32 word, exact in any float dtype: u goes to the
+        mantissa bits 16..19 of the float32 128.0 (0x43000000), whose unit in the last place there is 1."""
+        if 4 * i <= 16:
+            bits = words << (16 - 4 * i)
+        else:
+            bits = words >> (4 * i - 16)
+        return ((bits & 0xF0000) | 0x43000000).to(tl.float32, bitcast=True).to(dtype)
+
+    @triton.jit
+    def _int4_as_bf16_asm(words):
+        """The eight values of _int4_as_float(words, 0..7, bfloat16) in seven integer instructions per word: each
+        LOP3 (a & b) | c puts two nibbles, 16 bits apart, into the mantissas of a pair of bfloat16 128.0
+        (0x4300), whose unit in the last place is 1; the moves only rename the halves of a register."""
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 p, q;
+            lop3.b32 p, $8, 0x000F000F, 0x43004300, 0xEA;
+            mov.b32 {$0, $4}, p;
+            shr.u32 q, $8, 4;
+            lop3.b32 p, q, 0x000F000F, 0x43004300, 0xEA;
+            mov.b32 {$1, $5}, p;
+            shr.u32 q, $8, 8;
+            lop3.b32 p, q, 0x000F000F, 0x43004300, 0xEA;
+            mov.b32 {$2, $6}, p;
+            shr.u32 q, $8, 12;
+            lop3.b32 p, q, 0x000F000F, 0x43004300, 0xEA;
+            mov.b32 {$3, $7}, p;
+            }""",
+            constraints="=h,=h,=h,=h,=h,=h,=h,=h,r", args=[words], dtype=(tl.bfloat16,) * 8, is_pure=True,
+            pack=1)
+
+    @triton.jit
+    def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, o_ptr, r_ptr, y_ptr, part_ptr, count_ptr, M, N, K, row_words,
+                         stride_xm, stride_wn, stride_sn, stride_ym, k_per_split, GROUP: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                         RESIDUAL: tl.constexpr, ASM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """y[M, N] = x[M, K] @ dequant(w).T (+ r) on tensor cores for several rows x (speculative verify, prefill),
+        computed transposed, y.T = W x.T: the weights are the MMA's first operand and x.T, padded to BLOCK_M >= 16
+        rows, the small second one.
+
+        Word t of a row holds columns 8t + i (i = 0..7), so W x.T splits into 8 products over K / 8: W_i
+        [BLOCK_N, BLOCK_K / 8] (value i of each word) times x_i.T (x's columns 8t + i). With a group of at least
+        BLOCK_K columns, W_i is 128 + u, exact in 16 bits and made by bit operations only, and the group's scale s
+        and offset o come after the block's products, from u s + o = (128 + u) s + (o - 128 s): acc += s * (W'x) +
+        (o - 128 s) * sum(x). Smaller groups (32, 64) dequantize each weight, u s + o, before the product.
+        Split-K: as _gemv_kernel (partials [SPLIT_K, M, N] float32, the last program of a block of rows to arrive
+        adds them up in order); it needs all M rows in one BLOCK_M."""
+        pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        WORDS: tl.constexpr = BLOCK_K // 8
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         n_ok, m_ok = rn < N, rm < M
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, tl.cdiv(K, BLOCK_K) * BLOCK_K, BLOCK_K):
-            j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # packed byte index; holds columns 2j (low), 2j + 1 (high)
-            packed = tl.load(w_ptr + rn[:, None] * stride_wn + j[None, :], mask=n_ok[:, None], other=0)
-            x_even = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * j[None, :],
-                             mask=m_ok[:, None] & (2 * j < K)[None, :], other=0.0)
-            x_odd = tl.load(x_ptr + rm[:, None] * stride_xm + 2 * j[None, :] + 1,
-                            mask=m_ok[:, None] & (2 * j + 1 < K)[None, :], other=0.0)
-            g = k0 // GROUP
-            s = tl.load(s_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            o = tl.load(o_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            w_lo = ((packed & 15).to(tl.float32) * s + o).to(x_ptr.dtype.element_ty)  # [BN, BK / 2]
-            w_hi = ((packed >> 4).to(tl.float32) * s + o).to(x_ptr.dtype.element_ty)
-            acc += tl.dot(x_even, tl.trans(w_lo), input_precision=DOT_PRECISION)
-            acc += tl.dot(x_odd, tl.trans(w_hi), input_precision=DOT_PRECISION)
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        k_start = split * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, tl.cdiv(K, BLOCK_K) * BLOCK_K)
+        dtype = x_ptr.dtype.element_ty
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            t = k0 // 8 + tl.arange(0, WORDS)
+            w_ok = n_ok[:, None] & (t < row_words)[None, :]  # (rows are padded to whole groups, not whole blocks)
+            words = tl.load(w_ptr + rn[:, None] * stride_wn + t[None, :], mask=w_ok, other=0)  # [BLOCK_N, WORDS]
+            if ASM:
+                w0, w1, w2, w3, w4, w5, w6, w7 = _int4_as_bf16_asm(words)
+            else:
+                w0, w1, w2, w3 = (_int4_as_float(words, 0, dtype), _int4_as_float(words, 1, dtype),
+                                  _int4_as_float(words, 2, dtype), _int4_as_float(words, 3, dtype))
+                w4, w5, w6, w7 = (_int4_as_float(words, 4, dtype), _int4_as_float(words, 5, dtype),
+                                  _int4_as_float(words, 6, dtype), _int4_as_float(words, 7, dtype))
+            if GROUP < BLOCK_K:  # a word's 8 columns lie in one group (a multiple of 8 columns)
+                at = rn[:, None] * stride_sn + (8 * t[None, :]) // GROUP
+                s = tl.load(s_ptr + at, mask=w_ok, other=0.0).to(tl.float32)  # [BLOCK_N, WORDS]
+                o = tl.load(o_ptr + at, mask=w_ok, other=0.0).to(tl.float32) - 128 * s
+                w0, w1, w2, w3 = (_scale_int4(w0, s, o), _scale_int4(w1, s, o), _scale_int4(w2, s, o),
+                                  _scale_int4(w3, s, o))
+                w4, w5, w6, w7 = (_scale_int4(w4, s, o), _scale_int4(w5, s, o), _scale_int4(w6, s, o),
+                                  _scale_int4(w7, s, o))
+            # the block's products, and sum(x) for the offsets; x_i.T [WORDS, BLOCK_M] are x's columns 8t + i
+            x_at = x_ptr + rm[None, :] * stride_xm + 8 * t[:, None]
+            block, x_sum = _int4_mma_step(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32),
+                                          tl.zeros((WORDS, BLOCK_M), dtype=tl.float32), w0, x_at, m_ok, t, K, 0,
+                                          DOT_PRECISION)
+            block, x_sum = _int4_mma_step(block, x_sum, w1, x_at, m_ok, t, K, 1, DOT_PRECISION)
+            block, x_sum = _int4_mma_step(block, x_sum, w2, x_at, m_ok, t, K, 2, DOT_PRECISION)
+            block, x_sum = _int4_mma_step(block, x_sum, w3, x_at, m_ok, t, K, 3, DOT_PRECISION)
+            block, x_sum = _int4_mma_step(block, x_sum, w4, x_at, m_ok, t, K, 4, DOT_PRECISION)
+            block, x_sum = _int4_mma_step(block, x_sum, w5, x_at, m_ok, t, K, 5, DOT_PRECISION)
+            block, x_sum = _int4_mma_step(block, x_sum, w6, x_at, m_ok, t, K, 6, DOT_PRECISION)
+            block, x_sum = _int4_mma_step(block, x_sum, w7, x_at, m_ok, t, K, 7, DOT_PRECISION)
+            if GROUP < BLOCK_K:
+                acc += block
+            else:
+                g = k0 // GROUP
+                s = tl.load(s_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+                o = tl.load(o_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+                acc += s[:, None] * block + (o - 128 * s)[:, None] * tl.sum(x_sum, axis=0)[None, :]
+        y_at = rm[None, :] * stride_ym + rn[:, None]  # y.T's [BLOCK_N, BLOCK_M] tile
+        y_ok = n_ok[:, None] & m_ok[None, :]
+        if SPLIT_K == 1:
+            if RESIDUAL:
+                acc += tl.load(r_ptr + y_at, mask=y_ok, other=0.0).to(tl.float32)
+            tl.store(y_ptr + y_at, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
+        else:
+            part_at = rm[None, :] * N + rn[:, None]
+            tl.store(part_ptr + split * M * N + part_at, acc, mask=y_ok)
+            tl.debug_barrier()
+            if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+                total = tl.load(part_ptr + part_at, mask=y_ok, other=0.0, cache_modifier=".cg")
+                for i in tl.static_range(1, SPLIT_K):
+                    total += tl.load(part_ptr + i * M * N + part_at, mask=y_ok, other=0.0, cache_modifier=".cg")
+                tl.store(count_ptr + pid_n, 0)
+                if RESIDUAL:
+                    total += tl.load(r_ptr + y_at, mask=y_ok, other=0.0).to(tl.float32)
+                tl.store(y_ptr + y_at, total.to(y_ptr.dtype.element_ty), mask=y_ok)
+
+    @triton.jit
+    def _scale_int4(w_i, s, o):
+        """u s + o from w_i = 128 + u, given s and o - 128 s (groups smaller than a block)."""
+        return (w_i.to(tl.float32) * s + o).to(w_i.dtype)
+
+    @triton.jit
+    def _int4_mma_step(block, x_sum, w_i, x_at, m_ok, t, K, i: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """block += W_i x_i.T and x_sum += x_i.T for value i of the block's words (_int4_mma_kernel)."""
+        x_i = tl.load(x_at + i, mask=m_ok[None, :] & (8 * t + i < K)[:, None], other=0.0)  # [WORDS, BLOCK_M]
+        return tl.dot(w_i, x_i, block, input_precision=DOT_PRECISION), x_sum + x_i.to(tl.float32)
 
     @triton.jit
     def _decode_attention_kernel(qkv_ptr, rope_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, y_ptr, part_ptr, ml_ptr,
@@ -279,11 +394,16 @@ if triton is not None:
 def gemv_config(bits: int, n: int, k: int, group_size: int = 128, prologue: Optional[str] = None) -> dict:
     """Block sizes, split-K and warps of _gemv_kernel per weight format, shape and prologue; tuned on an H200 with
     scripts/bench.py --gemv_sweep --int4_sweep, each matrix with the op the decode step folds into it
-    (BENCHMARKS.md). Split-K pays where N is small (wo, w2: more programs, more loads in flight)."""
+    (BENCHMARKS.md). Split-K pays where N is small (wo, w2: more programs, more loads in flight); so does PREFETCH
+    (quantized weights: the next block's words load while this block's are used) on some shapes, 5-13%."""
     if bits == 4:
-        return dict(BLOCK_N=32, BLOCK_K=min(group_size, 128), SPLIT_K=8, num_warps=2 if n <= 8192 else 1)
+        if n <= 8192:  # (wo, w2)
+            return dict(BLOCK_N=64, BLOCK_K=min(group_size, 128), SPLIT_K=16, num_warps=1, PREFETCH=k > 4096)
+        return dict(BLOCK_N=32, BLOCK_K=min(group_size, 128), SPLIT_K=8, num_warps=1, PREFETCH=n < 24576)
     if bits == 8:
         if n <= 8192:
+            if k <= 4096:  # (wo)
+                return dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, PREFETCH=True)
             return dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=4, num_warps=4)
         return dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4)
     if prologue == "rmsnorm":  # (wqkv, w13, the head) 8 rows a program share the work on x: 8-12% over 4 rows
@@ -307,6 +427,7 @@ def gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, offsets: Op
     k = x.shape[1] // 2 if prologue == "swiglu" else x.shape[1]
     config = dict(config or gemv_config(bits, n, k, group_size or 128, prologue))
     split = config.pop("SPLIT_K", 1)
+    config.setdefault("PREFETCH", False)
     w = weight if bits == 0 else weight.view(torch.int32)
     blocks, row_blocks = triton.cdiv(k, config["BLOCK_K"]), triton.cdiv(n, config["BLOCK_N"])
     k_per_split = triton.cdiv(blocks, split) * config["BLOCK_K"]
@@ -327,30 +448,50 @@ def gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, offsets: Op
     return y
 
 
-def int4_config(m: int, n: int, group_size: int) -> dict:
-    """Block sizes and warps for int4_matmul: decode (m = 1) takes the GEMV kernel, more rows the tensor-core
-    kernel. Tuned on H200 with scripts/bench.py --int4_sweep (BENCHMARKS.md)."""
+def int4_config(m: int, n: int, k: int, group_size: int) -> dict:
+    """Block sizes, split-K and warps for int4_matmul: decode (m = 1) takes the GEMV kernel (gemv_config), more
+    rows the tensor-core kernel: 16 rows of x a program up to 16 (a speculative verify), split-K 4 (the whole row
+    block's partials then meet in one program); prefill 64 rows a program. Tuned on an H200 with scripts/bench.py
+    --int4_sweep (BENCHMARKS.md)."""
     if m == 1:
-        return gemv_config(4, n, 0, group_size)
-    return dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=64, BLOCK_K=min(group_size, 128), num_warps=4)
+        return gemv_config(4, n, k, group_size)
+    if m <= 16:
+        return dict(BLOCK_N=64 if n <= 8192 else 128, BLOCK_M=16, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=3)
+    return dict(BLOCK_N=64, BLOCK_M=64, BLOCK_K=128, SPLIT_K=4 if n <= 8192 else 1, num_warps=4, num_stages=3)
 
 
 def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, group_size: int,
-                config: Optional[dict] = None, counters: Optional[Tensor] = None) -> Tensor:
-    """x [M, K] @ dequant(packed).T -> [M, N] with the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
-    config: block sizes and num_warps (default int4_config); BLOCK_K must divide group_size. counters: gemv's."""
+                residual: Optional[Tensor] = None, config: Optional[dict] = None,
+                counters: Optional[Tensor] = None) -> Tensor:
+    """x [M, K] @ dequant(packed).T (+ residual [M, N]) -> [M, N] with the Triton kernels (CUDA, or CPU under
+    TRITON_INTERPRET=1): _gemv_kernel for one row, _int4_mma_kernel for more. config: int4_config's keys (for
+    more rows BLOCK_K 128, 16 words a row; "ASM": False takes the portable unpacking); counters: gemv's."""
     x = x.contiguous()
     m, k = x.shape
     n = packed.shape[0]
-    config = config or int4_config(m, n, group_size)
+    config = dict(config or int4_config(m, n, k, group_size))
     if m == 1:
-        return gemv(x, packed, scales, offsets, bits=4, group_size=group_size, config=config, counters=counters)
+        return gemv(x, packed, scales, offsets, bits=4, group_size=group_size, config=config, residual=residual,
+                    counters=counters)
+    split = config.pop("SPLIT_K", 1) if m <= config["BLOCK_M"] else 1
+    config.pop("SPLIT_K", None)
+    asm = config.pop("ASM", x.is_cuda and x.dtype == torch.bfloat16)
+    w = packed.view(torch.int32)
+    blocks, row_blocks = triton.cdiv(k, config["BLOCK_K"]), triton.cdiv(n, config["BLOCK_N"])
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]))
-    # float32 inputs get exact float32 products, not TF32's 10-bit mantissas
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    _int4_matmul_kernel[grid](x, packed, scales, offsets, y, m, n, k, x.stride(0), packed.stride(0),
-                              scales.stride(0), y.stride(0), GROUP=group_size, DOT_PRECISION=precision, **config)
+    part = y
+    if split > 1:
+        part = torch.empty(split, m, n, device=x.device, dtype=torch.float32)
+        if counters is None or counters.numel() < row_blocks:
+            counters = torch.zeros(row_blocks, device=x.device, dtype=torch.int32)
+    grid = (row_blocks, triton.cdiv(m, config["BLOCK_M"]), split)
+    _int4_mma_kernel[grid](
+        x, w, scales, offsets, y if residual is None else residual, y, part, y if split == 1 else counters, m, n, k,
+        w.shape[1], x.stride(0), w.stride(0), scales.stride(0), y.stride(0),
+        triton.cdiv(blocks, split) * config["BLOCK_K"], GROUP=group_size, SPLIT_K=split,
+        RESIDUAL=residual is not None, ASM=asm,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32: exact products, not TF32's
+        **config)
     return y
 
 

@@ -36,7 +36,9 @@ def test_int8_round_trip_error_is_at_most_half_a_step_per_row():
 
 
 @pytest.mark.parametrize("n,k,config", [(24, 300, None), (40, 1024, None),
-                                        (17, 2052, dict(BLOCK_N=8, BLOCK_K=256, SPLIT_K=3, num_warps=1))])
+                                        (17, 2052, dict(BLOCK_N=8, BLOCK_K=256, SPLIT_K=3, num_warps=1)),
+                                        (17, 2052, dict(BLOCK_N=8, BLOCK_K=256, SPLIT_K=3, PREFETCH=True)),
+                                        (24, 300, dict(BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, PREFETCH=True))])
 def test_int8_decode_kernel_matches_the_pytorch_reference(n, k, config):
     g = torch.Generator().manual_seed(k)
     w, x = torch.randn(n, k, generator=g), torch.randn(1, k, generator=g)
@@ -137,15 +139,33 @@ def test_int4_triton_kernel_matches_the_pytorch_reference(m, n, k, group_size):
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
-@pytest.mark.parametrize("block_k,split_k", [(32, 1), (64, 3), (128, 8)])  # blocks within a group; K split
-def test_int4_decode_kernel_block_sizes_and_split_k(block_k, split_k):
+# blocks within a group; K split (unevenly: 8 blocks in 3 shares); the next block's words loaded ahead
+@pytest.mark.parametrize("block_k,split_k,prefetch", [(32, 1, False), (64, 3, False), (128, 8, False), (64, 3, True),
+                                                      (128, 1, True)])
+def test_int4_decode_kernel_block_sizes_and_split_k(block_k, split_k, prefetch):
     g = torch.Generator().manual_seed(block_k)
     w, x = torch.randn(40, 900, generator=g), torch.randn(1, 900, generator=g)
     packed, scales, offsets = quantize_int4(w, 128)
     expected = x @ dequantize_int4(packed, scales, offsets, 900, torch.float32).T
-    config = dict(BLOCK_N=8, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4)
+    config = dict(BLOCK_N=8, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, PREFETCH=prefetch)
     got = run_int4_kernel(x, packed, scales, offsets, 128, config=config)
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+@pytest.mark.parametrize("m,group_size,split_k", [(6, 128, 4), (16, 256, 3), (3, 64, 2), (20, 128, 4)])
+def test_int4_tensor_core_kernel_splits_k_and_adds_the_residual(m, group_size, split_k):
+    # several rows (a k + 1 verify): split-K partials meet in the last program of a row block, which adds the
+    # residual and leaves the arrival counters at zero; 20 rows span two row blocks, where split-K is not used
+    g = torch.Generator().manual_seed(m)
+    w, x, r = torch.randn(96, 1000, generator=g), torch.randn(m, 1000, generator=g), torch.randn(m, 96, generator=g)
+    packed, scales, offsets = quantize_int4(w, group_size)
+    expected = x @ dequantize_int4(packed, scales, offsets, 1000, torch.float32).T + r
+    counters = torch.zeros(8, dtype=torch.int32, device=KERNEL_DEVICE)
+    config = dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=128, SPLIT_K=split_k, num_warps=4)
+    on = (t.to(KERNEL_DEVICE) for t in (x, packed, scales, offsets))
+    got = int4_matmul(*on, group_size, residual=r.to(KERNEL_DEVICE), config=config, counters=counters).cpu()
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert not counters.any()
 
 
 @pytest.mark.parametrize("m", [1, 5])
