@@ -505,7 +505,10 @@ if __name__ == "__main__":
             check_args(parser, cli_args)
             main(**vars(cli_args))
     except (UserError, TokenizerError) as e:
-        sys.exit(f"error: {e}" if env_rank == 0 else 1)
+        if env_rank == 0:
+            sys.exit(f"error: {e}")
+        time.sleep(5)  # torchrun stops the other workers once one exits non-zero: let rank 0 print the error first
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
     finally:

@@ -52,8 +52,7 @@ if triton is not None:
     def _gemv_kernel(x_ptr, g_ptr, w_ptr, s_ptr, o_ptr, r_ptr, y_ptr, part_ptr, ss_ptr, count_ptr, N,
                      K: tl.constexpr, row_words, stride_wn, stride_sn, k_per_split, eps, BITS: tl.constexpr,
                      GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     PROLOGUE: tl.constexpr, SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr,
-                     PREFETCH: tl.constexpr):
+                     PROLOGUE: tl.constexpr, SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr):
         """y[N] = W @ prologue(x) for one row x (decode), RESIDUAL: y = r + W @ prologue(x), the residual stream's
         add done before the one rounding to y's dtype. BITS = 0: float weights [N, K]. BITS = 4: int4 with a scale
         and offset per GROUP columns (BLOCK_K <= GROUP, so a block lies in one group). BITS = 8: signed int8 with
@@ -70,9 +69,7 @@ if triton is not None:
         BITS * i. Moving a value u to the top mantissa bits (22 down) and or-ing in the exponent of 1.0 gives
         f = 1 + u / 2^BITS with two integer ops, no int-to-float conversion (a slow instruction). Then u * s + o
         = f * (2^BITS s) + (o - 2^BITS s), so a group adds 2^BITS s * sum(x f) + (o - 2^BITS s) * sum(x): one
-        multiply-add per weight, the scales applied once per group. int8 stores b = u - 128. PREFETCH: each
-        iteration loads the next block's words before it uses this block's (registers double-buffered), one more
-        load in flight per thread where Triton's pipelining would go through shared memory."""
+        multiply-add per weight, the scales applied once per group. int8 stores b = u - 128."""
         pid_n, split = tl.program_id(0), tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
@@ -105,18 +102,13 @@ if triton is not None:
             xf = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)  # int8: sum(x f) over the whole share of K
             x_sum = tl.zeros((WORDS,), dtype=tl.float32)
             ss = tl.zeros((WORDS,), dtype=tl.float32)
-            # int4 rows are padded to whole groups, so they never end inside a block; the last int8 block may
-            if PREFETCH:  # the next block's words load while this block's are used
-                end = tl.minimum(row_words, k_end // PER_WORD)
-                words_next = _load_words(w_ptr, rn, n_ok, k_start // PER_WORD + tl.arange(0, WORDS), end, stride_wn,
-                                         True)
             for k0 in range(k_start, k_end, BLOCK_K):
                 t = k0 // PER_WORD + tl.arange(0, WORDS)
-                if PREFETCH:
-                    words = words_next
-                    words_next = _load_words(w_ptr, rn, n_ok, t + WORDS, end, stride_wn, True)
-                else:
-                    words = _load_words(w_ptr, rn, n_ok, t, row_words, stride_wn, not EVEN_K)
+                if EVEN_K:  # (int4 rows are padded to whole groups, so they never end inside a block)
+                    words = tl.load(w_ptr + rn[:, None] * stride_wn + t[None, :], mask=n_ok[:, None], other=0)
+                else:  # the last block runs past the row's end
+                    words = tl.load(w_ptr + rn[:, None] * stride_wn + t[None, :],
+                                    mask=n_ok[:, None] & (t < row_words)[None, :], other=0)  # [BN, WORDS]
                 if BITS == 8:
                     words = words ^ -0x7F7F7F80  # 0x80808080 as int32: signed bytes b -> unsigned u = b + 128
                 if BITS == 4:  # a group's sums: x f, and x for the offset term
@@ -161,14 +153,6 @@ if triton is not None:
                         total_ss += tl.load(ss_ptr + pid_n * SPLIT_K + i, cache_modifier=".cg").to(tl.float32)
                 tl.store(count_ptr + pid_n, 0)
                 _gemv_epilogue(total, total_ss, r_ptr, y_ptr, rn, n_ok, K, eps, PROLOGUE, RESIDUAL)
-
-    @triton.jit
-    def _load_words(w_ptr, rn, n_ok, t, end, stride_wn, CHECK_END: tl.constexpr):
-        """Words t [WORDS] of rows rn [BLOCK_N] of quantized weights, 0 past word `end` where CHECK_END."""
-        if CHECK_END:
-            return tl.load(w_ptr + rn[:, None] * stride_wn + t[None, :], mask=n_ok[:, None] & (t < end)[None, :],
-                           other=0)  # [BN, WORDS]
-        return tl.load(w_ptr + rn[:, None] * stride_wn + t[None, :], mask=n_ok[:, None], other=0)
 
     @triton.jit
     def _gemv_epilogue(acc, ss, r_ptr, y_ptr, rn, n_ok, K: tl.constexpr, eps, PROLOGUE: tl.constexpr,
@@ -394,16 +378,11 @@ if triton is not None:
 def gemv_config(bits: int, n: int, k: int, group_size: int = 128, prologue: Optional[str] = None) -> dict:
     """Block sizes, split-K and warps of _gemv_kernel per weight format, shape and prologue; tuned on an H200 with
     scripts/bench.py --gemv_sweep --int4_sweep, each matrix with the op the decode step folds into it
-    (BENCHMARKS.md). Split-K pays where N is small (wo, w2: more programs, more loads in flight); so does PREFETCH
-    (quantized weights: the next block's words load while this block's are used) on some shapes, 5-13%."""
+    (BENCHMARKS.md). Split-K pays where N is small (wo, w2: more programs, more loads in flight)."""
     if bits == 4:
-        if n <= 8192:  # (wo, w2)
-            return dict(BLOCK_N=64, BLOCK_K=min(group_size, 128), SPLIT_K=16, num_warps=1, PREFETCH=k > 4096)
-        return dict(BLOCK_N=32, BLOCK_K=min(group_size, 128), SPLIT_K=8, num_warps=1, PREFETCH=n < 24576)
+        return dict(BLOCK_N=32, BLOCK_K=min(group_size, 128), SPLIT_K=8, num_warps=2 if n <= 8192 else 1)
     if bits == 8:
         if n <= 8192:
-            if k <= 4096:  # (wo)
-                return dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4, PREFETCH=True)
             return dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=4, num_warps=4)
         return dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4)
     if prologue == "rmsnorm":  # (wqkv, w13, the head) 8 rows a program share the work on x: 8-12% over 4 rows
@@ -427,7 +406,6 @@ def gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, offsets: Op
     k = x.shape[1] // 2 if prologue == "swiglu" else x.shape[1]
     config = dict(config or gemv_config(bits, n, k, group_size or 128, prologue))
     split = config.pop("SPLIT_K", 1)
-    config.setdefault("PREFETCH", False)
     w = weight if bits == 0 else weight.view(torch.int32)
     blocks, row_blocks = triton.cdiv(k, config["BLOCK_K"]), triton.cdiv(n, config["BLOCK_N"])
     k_per_split = triton.cdiv(blocks, split) * config["BLOCK_K"]
@@ -457,7 +435,9 @@ def int4_config(m: int, n: int, k: int, group_size: int) -> dict:
         return gemv_config(4, n, k, group_size)
     if m <= 16:
         return dict(BLOCK_N=64 if n <= 8192 else 128, BLOCK_M=16, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=3)
-    return dict(BLOCK_N=64, BLOCK_M=64, BLOCK_K=128, SPLIT_K=4 if n <= 8192 else 1, num_warps=4, num_stages=3)
+    if n <= 8192:  # (wo, w2: few row blocks, so split K)
+        return dict(BLOCK_N=64, BLOCK_M=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=3)
+    return dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=3)
 
 
 def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, group_size: int,

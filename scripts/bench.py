@@ -311,9 +311,8 @@ def quant_microbench(device: torch.device, dtype: torch.dtype, ms: list, group_s
 
 
 def config_key(config: dict) -> str:
-    """e.g. n8_k128_s4_w2 for BLOCK_N=8, BLOCK_K=128, SPLIT_K=4, num_warps=2 (stages: _p3, PREFETCH: _fTrue)."""
-    short = dict(BLOCK_M="m", BLOCK_N="n", BLOCK_K="k", SPLIT_K="s", num_warps="w", num_stages="p", PREFETCH="f",
-                 ASM="a")
+    """e.g. n8_k128_s4_w2 for BLOCK_N=8, BLOCK_K=128, SPLIT_K=4, num_warps=2 (stages: _p3)."""
+    short = dict(BLOCK_M="m", BLOCK_N="n", BLOCK_K="k", SPLIT_K="s", num_warps="w", num_stages="p", ASM="a")
     return "_".join(f"{short[k]}{v}" for k, v in config.items())
 
 
@@ -330,8 +329,8 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
                 x, op = torch.randn(m, k, device=device, dtype=dtype), {}
                 if m == 1:  # as the decode step runs int4 (kernels.takes_prologue): the residual add, no prologue
                     op = dict(residual=torch.randn(1, n, device=device, dtype=dtype)) if name in ("wo", "w2") else {}
-                    grid = [dict(BLOCK_N=bn, BLOCK_K=min(group_size, 128), SPLIT_K=sk, num_warps=w, PREFETCH=f)
-                            for bn in (32, 64) for sk in (8, 16) for w in (1, 2) for f in (False, True)]
+                    grid = [dict(BLOCK_N=bn, BLOCK_K=min(group_size, 128), SPLIT_K=sk, num_warps=w)
+                            for bn in (32, 64, 128) for sk in (4, 8, 16, 32) for w in (1, 2, 4)]
                 else:  # the tensor-core kernel
                     grid = [dict(BLOCK_N=bn, BLOCK_M=16 if m <= 16 else 64, BLOCK_K=128, SPLIT_K=sk, num_warps=4,
                                  num_stages=3) for bn in (64, 128) for sk in (1, 2, 4)]
@@ -364,8 +363,8 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
                 copies = [(q8, s8)] + [(q8.clone(), s8.clone()) for _ in range(weight_copies(nbytes, device) - 1)]
                 x, op = decode_op(name, n, k, device, dtype)  # with the op the decode step folds in
                 results = {}
-                for config in [dict(BLOCK_N=bn, BLOCK_K=512, SPLIT_K=sk, num_warps=w, PREFETCH=f) for bn in (16, 32)
-                               for sk in (1, 2, 4) for w in (4, 8) for f in (False, True)]:
+                for config in [dict(BLOCK_N=bn, BLOCK_K=512, SPLIT_K=sk, num_warps=w) for bn in (16, 32, 64)
+                               for sk in (1, 2, 4, 8) for w in (2, 4, 8)]:
                     t_ms = graph_ms_per_call([lambda c=c: gemv(x, c[0], c[1], bits=8, config=config,
                                                                counters=counters, **op)
                                               for c in copies * 4], device, reps=10)

@@ -36,9 +36,7 @@ def test_int8_round_trip_error_is_at_most_half_a_step_per_row():
 
 
 @pytest.mark.parametrize("n,k,config", [(24, 300, None), (40, 1024, None),
-                                        (17, 2052, dict(BLOCK_N=8, BLOCK_K=256, SPLIT_K=3, num_warps=1)),
-                                        (17, 2052, dict(BLOCK_N=8, BLOCK_K=256, SPLIT_K=3, PREFETCH=True)),
-                                        (24, 300, dict(BLOCK_N=16, BLOCK_K=128, SPLIT_K=1, PREFETCH=True))])
+                                        (17, 2052, dict(BLOCK_N=8, BLOCK_K=256, SPLIT_K=3, num_warps=1))])
 def test_int8_decode_kernel_matches_the_pytorch_reference(n, k, config):
     g = torch.Generator().manual_seed(k)
     w, x = torch.randn(n, k, generator=g), torch.randn(1, k, generator=g)
@@ -139,15 +137,13 @@ def test_int4_triton_kernel_matches_the_pytorch_reference(m, n, k, group_size):
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
-# blocks within a group; K split (unevenly: 8 blocks in 3 shares); the next block's words loaded ahead
-@pytest.mark.parametrize("block_k,split_k,prefetch", [(32, 1, False), (64, 3, False), (128, 8, False), (64, 3, True),
-                                                      (128, 1, True)])
-def test_int4_decode_kernel_block_sizes_and_split_k(block_k, split_k, prefetch):
+@pytest.mark.parametrize("block_k,split_k", [(32, 1), (64, 3), (128, 8)])  # blocks within a group; K split
+def test_int4_decode_kernel_block_sizes_and_split_k(block_k, split_k):
     g = torch.Generator().manual_seed(block_k)
     w, x = torch.randn(40, 900, generator=g), torch.randn(1, 900, generator=g)
     packed, scales, offsets = quantize_int4(w, 128)
     expected = x @ dequantize_int4(packed, scales, offsets, 900, torch.float32).T
-    config = dict(BLOCK_N=8, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, PREFETCH=prefetch)
+    config = dict(BLOCK_N=8, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4)
     got = run_int4_kernel(x, packed, scales, offsets, 128, config=config)
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
 
