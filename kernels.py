@@ -145,14 +145,22 @@ if triton is not None:
             if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
                 # the last program: the others' stores are visible after the acquire; .cg reads them from L2, where
                 # they are, not from an L1 line this SM may hold from before
-                total = tl.load(part_ptr + rn, mask=n_ok, other=0.0, cache_modifier=".cg")
+                total = _sum_splits(part_ptr, rn, n_ok, N, SPLIT_K)
                 total_ss = tl.load(ss_ptr + pid_n * SPLIT_K, cache_modifier=".cg").to(tl.float32)  # (rmsnorm's)
-                for i in tl.static_range(1, SPLIT_K):
-                    total += tl.load(part_ptr + i * N + rn, mask=n_ok, other=0.0, cache_modifier=".cg")
-                    if PROLOGUE == 1:
+                if PROLOGUE == 1:
+                    for i in tl.static_range(1, SPLIT_K):
                         total_ss += tl.load(ss_ptr + pid_n * SPLIT_K + i, cache_modifier=".cg").to(tl.float32)
                 tl.store(count_ptr + pid_n, 0)
                 _gemv_epilogue(total, total_ss, r_ptr, y_ptr, rn, n_ok, K, eps, PROLOGUE, RESIDUAL)
+
+    @triton.jit
+    def _sum_splits(part_ptr, at, ok, split_stride, SPLIT_K: tl.constexpr):
+        """The SPLIT_K partial sums at part[i * split_stride + at], added in split order; .cg reads them from L2,
+        where the other programs' stores are, not from an L1 line this SM may hold from before."""
+        total = tl.load(part_ptr + at, mask=ok, other=0.0, cache_modifier=".cg")
+        for i in tl.static_range(1, SPLIT_K):
+            total += tl.load(part_ptr + i * split_stride + at, mask=ok, other=0.0, cache_modifier=".cg")
+        return total
 
     @triton.jit
     def _gemv_epilogue(acc, ss, r_ptr, y_ptr, rn, n_ok, K: tl.constexpr, eps, PROLOGUE: tl.constexpr,
@@ -271,9 +279,7 @@ if triton is not None:
             tl.store(part_ptr + split * M * N + part_at, acc, mask=y_ok)
             tl.debug_barrier()
             if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
-                total = tl.load(part_ptr + part_at, mask=y_ok, other=0.0, cache_modifier=".cg")
-                for i in tl.static_range(1, SPLIT_K):
-                    total += tl.load(part_ptr + i * M * N + part_at, mask=y_ok, other=0.0, cache_modifier=".cg")
+                total = _sum_splits(part_ptr, part_at, y_ok, M * N, SPLIT_K)
                 tl.store(count_ptr + pid_n, 0)
                 if RESIDUAL:
                     total += tl.load(r_ptr + y_at, mask=y_ok, other=0.0).to(tl.float32)
@@ -429,8 +435,8 @@ def gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, offsets: Op
 def int4_config(m: int, n: int, k: int, group_size: int) -> dict:
     """Block sizes, split-K and warps for int4_matmul: decode (m = 1) takes the GEMV kernel (gemv_config), more
     rows the tensor-core kernel: 16 rows of x a program up to 16 (a speculative verify), split-K 4 (the whole row
-    block's partials then meet in one program); prefill 64 rows a program. Tuned on an H200 with scripts/bench.py
-    --int4_sweep (BENCHMARKS.md)."""
+    block's partials then meet in one program); prefill 64 rows a program. Chosen from H200 sweeps (BENCHMARKS.md,
+    2026-12-03 second session; scripts/bench.py --int4_sweep --quant_m 6 repeats them)."""
     if m == 1:
         return gemv_config(4, n, k, group_size)
     if m <= 16:
@@ -453,9 +459,11 @@ def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, grou
     if m == 1:
         return gemv(x, packed, scales, offsets, bits=4, group_size=group_size, config=config, residual=residual,
                     counters=counters)
-    split = config.pop("SPLIT_K", 1) if m <= config["BLOCK_M"] else 1
-    config.pop("SPLIT_K", None)
-    asm = config.pop("ASM", x.is_cuda and x.dtype == torch.bfloat16)
+    split = config.pop("SPLIT_K", 1)
+    if m > config["BLOCK_M"]:  # a row block's partials meet in one program, so all rows must be in one
+        split = 1
+    # the inline PTX unpacking: NVIDIA GPUs (not ROCm's), bfloat16 activations
+    asm = config.pop("ASM", x.is_cuda and torch.version.hip is None and x.dtype == torch.bfloat16)
     w = packed.view(torch.int32)
     blocks, row_blocks = triton.cdiv(k, config["BLOCK_K"]), triton.cdiv(n, config["BLOCK_N"])
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
