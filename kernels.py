@@ -450,13 +450,14 @@ def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, grou
                 residual: Optional[Tensor] = None, config: Optional[dict] = None,
                 counters: Optional[Tensor] = None) -> Tensor:
     """x [M, K] @ dequant(packed).T (+ residual [M, N]) -> [M, N] with the Triton kernels (CUDA, or CPU under
-    TRITON_INTERPRET=1): _gemv_kernel for one row, _int4_mma_kernel for more. config: int4_config's keys (for
-    more rows BLOCK_K 128, 16 words a row; "ASM": False takes the portable unpacking); counters: gemv's."""
+    TRITON_INTERPRET=1): _int4_mma_kernel, or _gemv_kernel where config is a GEMV's (no BLOCK_M; one row).
+    config: int4_config's keys (BLOCK_K 128, 16 words a row, for the tensor-core kernel; "ASM": False takes the
+    portable unpacking); counters: gemv's."""
     x = x.contiguous()
     m, k = x.shape
     n = packed.shape[0]
     config = dict(config or int4_config(m, n, k, group_size))
-    if m == 1:
+    if "BLOCK_M" not in config:  # a GEMV config (one row)
         return gemv(x, packed, scales, offsets, bits=4, group_size=group_size, config=config, residual=residual,
                     counters=counters)
     split = config.pop("SPLIT_K", 1)
@@ -533,8 +534,8 @@ def linear_gemv(x: Tensor, linear: nn.Module, **kw) -> Tensor:
     w = linear.weight
     if w.dtype == torch.int8:
         y = gemv(x, w, linear.scales, bits=8, **kw)
-    elif w.dtype == torch.uint8:
-        y = gemv(x, w, linear.scales, linear.offsets, bits=4, group_size=linear.group_size, **kw)
+    elif w.dtype == torch.uint8:  # (no prologue: takes_prologue) the GEMV or the tensor-core kernel, by int4_config
+        y = int4_matmul(x, w, linear.scales, linear.offsets, linear.group_size, **kw)
     else:
         y = gemv(x, w, **kw)
     if linear.bias is not None:

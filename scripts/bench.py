@@ -329,21 +329,23 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
                 x, op = torch.randn(m, k, device=device, dtype=dtype), {}
                 if m == 1:  # as the decode step runs int4 (kernels.takes_prologue): the residual add, no prologue
                     op = dict(residual=torch.randn(1, n, device=device, dtype=dtype)) if name in ("wo", "w2") else {}
-                    grid = [dict(BLOCK_N=bn, BLOCK_K=min(group_size, 128), SPLIT_K=sk, num_warps=w)
-                            for bn in (32, 64, 128) for sk in (4, 8, 16, 32) for w in (1, 2, 4)]
+                    # the GEMV (its default: earlier sweeps' best, BENCHMARKS.md) against the tensor-core kernel
+                    # on 1 or 2 warps (mma.sync, the weights' words through shared memory, unpacked in registers)
+                    grid = [gemv_config(4, n, k, group_size)] + [
+                        dict(BLOCK_N=bn, BLOCK_M=16, BLOCK_K=128, SPLIT_K=sk, num_warps=w, num_stages=3)
+                        for bn in (16, 32, 64, 128) for w in (1, 2) for sk in (1, 2, 4, 8)]
                 else:  # the tensor-core kernel
                     grid = [dict(BLOCK_N=bn, BLOCK_M=16 if m <= 16 else 64, BLOCK_K=128, SPLIT_K=sk, num_warps=4,
                                  num_stages=3) for bn in (64, 128) for sk in (1, 2, 4)]
+                    if m <= 16:  # and on 1 or 2 warps (mma.sync)
+                        grid += [dict(BLOCK_N=bn, BLOCK_M=16, BLOCK_K=128, SPLIT_K=sk, num_warps=w, num_stages=3)
+                                 for bn in (16, 32, 64) for w in (1, 2) for sk in (2, 4, 8)]
                 results = {}
                 for config in grid:
                     key = config_key(config)
                     try:
-                        if m == 1:
-                            calls = [lambda c=c: gemv(x, *c, bits=4, group_size=group_size, config=config,
-                                                      counters=counters, **op) for c in copies * 4]
-                        else:
-                            calls = [lambda c=c: int4_matmul(x, *c, group_size, config=config, counters=counters)
-                                     for c in copies * 4]
+                        calls = [lambda c=c: int4_matmul(x, *c, group_size, config=config, counters=counters, **op)
+                                 for c in copies * 4]
                         t_ms = graph_ms_per_call(calls, device, reps=10)
                     except Exception as e:  # noqa: BLE001 -- e.g. too many registers: skip that config
                         log(f"int4 sweep {name} m={m} {key}: {str(e).splitlines()[0][:120]}")

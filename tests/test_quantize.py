@@ -148,11 +148,12 @@ def test_int4_decode_kernel_block_sizes_and_split_k(block_k, split_k):
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
-@pytest.mark.parametrize("m,group_size,split_k,block_n,block_m", [(6, 128, 4, 64, 16), (16, 256, 3, 64, 16),
+@pytest.mark.parametrize("m,group_size,split_k,block_n,block_m", [(1, 128, 4, 16, 16), (6, 128, 4, 64, 16),
+                                                                  (16, 256, 3, 64, 16),
                                                                   (3, 64, 2, 64, 16), (20, 128, 4, 64, 16),
                                                                   (40, 128, 1, 128, 64)])
 def test_int4_tensor_core_kernel_splits_k_and_adds_the_residual(m, group_size, split_k, block_n, block_m):
-    # several rows (a k + 1 verify): split-K partials meet in the last program of a row block, which adds the
+    # one row (decode, a config with BLOCK_M takes this kernel) or several (a k + 1 verify): split-K partials meet in the last program of a row block, which adds the
     # residual and leaves the arrival counters at zero; 20 rows span two row blocks, where split-K is not used;
     # 40 rows in the prefill config for wide matrices (more rows a program than the matrix has)
     g = torch.Generator().manual_seed(m)
