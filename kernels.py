@@ -183,27 +183,27 @@ if triton is not None:
         return ((bits & 0xF0000) | 0x43000000).to(tl.float32, bitcast=True).to(dtype)
 
     @triton.jit
-    def _int4_as_bf16_asm(words):
-        """The eight values of _int4_as_float(words, 0..7, bfloat16) in seven integer instructions per word: each
-        LOP3 (a & b) | c puts two nibbles, 16 bits apart, into the mantissas of a pair of bfloat16 128.0
-        (0x4300), whose unit in the last place is 1; the moves only rename the halves of a register."""
+    def _int4_as_bf16_asm(words, HIGH: tl.constexpr):
+        """Four values of _int4_as_float(words, i, bfloat16), i = 0..3 (HIGH: 4..7), in eight integer instructions per
+        two words: the asm takes two neighbouring words a, b of a row (pack=2; neighbours along K in the MMA
+        operand's layout, which holds two K-neighbours a register) and returns register pairs (value i of a, value i
+        of b), the operand's own packing. A PRMT puts a's low (HIGH: high) half beside b's, each LOP3 (a & b) | c
+        then moves two nibbles, 16 bits apart, into the mantissas of a pair of bfloat16 128.0 (0x4300), whose unit
+        in the last place is 1; shifts bring the next nibbles down. Four values at a time, not eight, halve the
+        registers the unpacked tile holds."""
         return tl.inline_asm_elementwise(
             asm="""{
-            .reg .b32 p, q;
-            lop3.b32 p, $8, 0x000F000F, 0x43004300, 0xEA;
-            mov.b32 {$0, $4}, p;
-            shr.u32 q, $8, 4;
-            lop3.b32 p, q, 0x000F000F, 0x43004300, 0xEA;
-            mov.b32 {$1, $5}, p;
-            shr.u32 q, $8, 8;
-            lop3.b32 p, q, 0x000F000F, 0x43004300, 0xEA;
-            mov.b32 {$2, $6}, p;
-            shr.u32 q, $8, 12;
-            lop3.b32 p, q, 0x000F000F, 0x43004300, 0xEA;
-            mov.b32 {$3, $7}, p;
+            .reg .b32 c, q;
+            prmt.b32 c, $4, $5, """ + ("0x7632" if HIGH else "0x5410") + """;
+            lop3.b32 $0, c, 0x000F000F, 0x43004300, 0xEA;
+            shr.u32 q, c, 4;
+            lop3.b32 $1, q, 0x000F000F, 0x43004300, 0xEA;
+            shr.u32 q, c, 8;
+            lop3.b32 $2, q, 0x000F000F, 0x43004300, 0xEA;
+            shr.u32 q, c, 12;
+            lop3.b32 $3, q, 0x000F000F, 0x43004300, 0xEA;
             }""",
-            constraints="=h,=h,=h,=h,=h,=h,=h,=h,r", args=[words], dtype=(tl.bfloat16,) * 8, is_pure=True,
-            pack=1)
+            constraints="=r,=r,=r,=r,r,r", args=[words], dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
 
     @triton.jit
     def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, o_ptr, r_ptr, y_ptr, part_ptr, count_ptr, M, N, K, row_words,
@@ -234,33 +234,18 @@ if triton is not None:
             t = k0 // 8 + tl.arange(0, WORDS)
             w_ok = n_ok[:, None] & (t < row_words)[None, :]  # (rows are padded to whole groups, not whole blocks)
             words = tl.load(w_ptr + rn[:, None] * stride_wn + t[None, :], mask=w_ok, other=0)  # [BLOCK_N, WORDS]
-            if ASM:
-                w0, w1, w2, w3, w4, w5, w6, w7 = _int4_as_bf16_asm(words)
-            else:
-                w0, w1, w2, w3 = (_int4_as_float(words, 0, dtype), _int4_as_float(words, 1, dtype),
-                                  _int4_as_float(words, 2, dtype), _int4_as_float(words, 3, dtype))
-                w4, w5, w6, w7 = (_int4_as_float(words, 4, dtype), _int4_as_float(words, 5, dtype),
-                                  _int4_as_float(words, 6, dtype), _int4_as_float(words, 7, dtype))
+            s, o = words, words  # (unused with whole-block groups)
             if GROUP < BLOCK_K:  # a word's 8 columns lie in one group (a multiple of 8 columns)
                 at = rn[:, None] * stride_sn + (8 * t[None, :]) // GROUP
                 s = tl.load(s_ptr + at, mask=w_ok, other=0.0).to(tl.float32)  # [BLOCK_N, WORDS]
                 o = tl.load(o_ptr + at, mask=w_ok, other=0.0).to(tl.float32) - 128 * s
-                w0, w1, w2, w3 = (_scale_int4(w0, s, o), _scale_int4(w1, s, o), _scale_int4(w2, s, o),
-                                  _scale_int4(w3, s, o))
-                w4, w5, w6, w7 = (_scale_int4(w4, s, o), _scale_int4(w5, s, o), _scale_int4(w6, s, o),
-                                  _scale_int4(w7, s, o))
             # the block's products, and sum(x) for the offsets; x_i.T [WORDS, BLOCK_M] are x's columns 8t + i
             x_at = x_ptr + rm[None, :] * stride_xm + 8 * t[:, None]
-            block, x_sum = _int4_mma_step(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32),
-                                          tl.zeros((WORDS, BLOCK_M), dtype=tl.float32), w0, x_at, m_ok, t, K, 0,
+            block, x_sum = _int4_mma_half(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32),
+                                          tl.zeros((WORDS, BLOCK_M), dtype=tl.float32), words, s, o, x_at, m_ok, t,
+                                          K, False, GROUP < BLOCK_K, ASM, DOT_PRECISION)
+            block, x_sum = _int4_mma_half(block, x_sum, words, s, o, x_at, m_ok, t, K, True, GROUP < BLOCK_K, ASM,
                                           DOT_PRECISION)
-            block, x_sum = _int4_mma_step(block, x_sum, w1, x_at, m_ok, t, K, 1, DOT_PRECISION)
-            block, x_sum = _int4_mma_step(block, x_sum, w2, x_at, m_ok, t, K, 2, DOT_PRECISION)
-            block, x_sum = _int4_mma_step(block, x_sum, w3, x_at, m_ok, t, K, 3, DOT_PRECISION)
-            block, x_sum = _int4_mma_step(block, x_sum, w4, x_at, m_ok, t, K, 4, DOT_PRECISION)
-            block, x_sum = _int4_mma_step(block, x_sum, w5, x_at, m_ok, t, K, 5, DOT_PRECISION)
-            block, x_sum = _int4_mma_step(block, x_sum, w6, x_at, m_ok, t, K, 6, DOT_PRECISION)
-            block, x_sum = _int4_mma_step(block, x_sum, w7, x_at, m_ok, t, K, 7, DOT_PRECISION)
             if GROUP < BLOCK_K:
                 acc += block
             else:
@@ -286,13 +271,29 @@ if triton is not None:
                 tl.store(y_ptr + y_at, total.to(y_ptr.dtype.element_ty), mask=y_ok)
 
     @triton.jit
-    def _scale_int4(w_i, s, o):
-        """u s + o from w_i = 128 + u, given s and o - 128 s (groups smaller than a block)."""
-        return (w_i.to(tl.float32) * s + o).to(w_i.dtype)
+    def _int4_mma_half(block, x_sum, words, s, o, x_at, m_ok, t, K, HIGH: tl.constexpr, SCALE: tl.constexpr,
+                       ASM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """block += W_i x_i.T and x_sum += x_i.T for values i = 0..3 (HIGH: 4..7) of the block's words
+        (_int4_mma_kernel); SCALE: dequantize each weight first, u s + o, given s and o - 128 s (small groups)."""
+        dtype: tl.constexpr = x_at.dtype.element_ty
+        first: tl.constexpr = 4 if HIGH else 0
+        if ASM:
+            w_a, w_b, w_c, w_d = _int4_as_bf16_asm(words, HIGH)
+        else:
+            w_a, w_b = _int4_as_float(words, first, dtype), _int4_as_float(words, first + 1, dtype)
+            w_c, w_d = _int4_as_float(words, first + 2, dtype), _int4_as_float(words, first + 3, dtype)
+        block, x_sum = _int4_mma_step(block, x_sum, w_a, s, o, x_at, m_ok, t, K, first, SCALE, DOT_PRECISION)
+        block, x_sum = _int4_mma_step(block, x_sum, w_b, s, o, x_at, m_ok, t, K, first + 1, SCALE, DOT_PRECISION)
+        block, x_sum = _int4_mma_step(block, x_sum, w_c, s, o, x_at, m_ok, t, K, first + 2, SCALE, DOT_PRECISION)
+        block, x_sum = _int4_mma_step(block, x_sum, w_d, s, o, x_at, m_ok, t, K, first + 3, SCALE, DOT_PRECISION)
+        return block, x_sum
 
     @triton.jit
-    def _int4_mma_step(block, x_sum, w_i, x_at, m_ok, t, K, i: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """block += W_i x_i.T and x_sum += x_i.T for value i of the block's words (_int4_mma_kernel)."""
+    def _int4_mma_step(block, x_sum, w_i, s, o, x_at, m_ok, t, K, i: tl.constexpr, SCALE: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+        """block += W_i x_i.T and x_sum += x_i.T for value i of the block's words."""
+        if SCALE:
+            w_i = (w_i.to(tl.float32) * s + o).to(w_i.dtype)
         x_i = tl.load(x_at + i, mask=m_ok[None, :] & (8 * t + i < K)[:, None], other=0.0)  # [WORDS, BLOCK_M]
         return tl.dot(w_i, x_i, block, input_precision=DOT_PRECISION), x_sum + x_i.to(tl.float32)
 
@@ -433,14 +434,25 @@ def gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, offsets: Op
 
 
 def int4_config(m: int, n: int, k: int, group_size: int) -> dict:
-    """Block sizes, split-K and warps for int4_matmul: decode (m = 1) takes the GEMV kernel (gemv_config), more
-    rows the tensor-core kernel: 16 rows of x a program up to 16 (a speculative verify), split-K 4 (the whole row
-    block's partials then meet in one program); prefill 64 rows a program. Chosen from H200 sweeps (BENCHMARKS.md,
-    2026-12-03 second session; scripts/bench.py --int4_sweep --quant_m 6 repeats them)."""
+    """Block sizes, split-K and warps for int4_matmul, from H200 sweeps (BENCHMARKS.md, 2026-12-03 third session;
+    scripts/bench.py --int4_sweep --quant_m 1 --quant_m 6 repeats them). One row (decode): the tensor-core kernel
+    on mma.sync (1-2 warps, x padded to 8 rows), 3-6% faster than the GEMV (gemv_config) except on square
+    matrices (wo). Up to 16 rows (a speculative verify): 16 rows of x a program, 2 warps, split-K so that
+    there are enough programs (the whole row block's partials then meet in one program). Prefill: 64 rows a
+    program on 4 warps (wgmma)."""
     if m == 1:
-        return gemv_config(4, n, k, group_size)
+        if n <= 8192 and k <= 8192:
+            return gemv_config(4, n, k, group_size)
+        if n <= 8192:
+            return dict(BLOCK_N=32, BLOCK_M=8, BLOCK_K=128, SPLIT_K=8, num_warps=2, num_stages=3)
+        split = 8 if n <= 16384 else 4 if n <= 24576 else 2
+        return dict(BLOCK_N=64, BLOCK_M=8, BLOCK_K=128, SPLIT_K=split, num_warps=1 if split > 2 else 2, num_stages=3)
     if m <= 16:
-        return dict(BLOCK_N=64 if n <= 8192 else 128, BLOCK_M=16, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=3)
+        if n <= 8192:  # (wo, w2)
+            return dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=128, SPLIT_K=8, num_warps=2, num_stages=3)
+        if n <= 24576:
+            return dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=128, SPLIT_K=4, num_warps=2, num_stages=3)
+        return dict(BLOCK_N=128, BLOCK_M=16, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=3)
     if n <= 8192:  # (wo, w2: few row blocks, so split K)
         return dict(BLOCK_N=64, BLOCK_M=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=3)
     return dict(BLOCK_N=128, BLOCK_M=64, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=3)

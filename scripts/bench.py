@@ -332,8 +332,8 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
                     # the GEMV (its default: earlier sweeps' best, BENCHMARKS.md) against the tensor-core kernel
                     # on 1 or 2 warps (mma.sync, the weights' words through shared memory, unpacked in registers)
                     grid = [gemv_config(4, n, k, group_size)] + [
-                        dict(BLOCK_N=bn, BLOCK_M=16, BLOCK_K=128, SPLIT_K=sk, num_warps=w, num_stages=3)
-                        for bn in (16, 32, 64, 128) for w in (1, 2) for sk in (1, 2, 4, 8)]
+                        dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=128, SPLIT_K=sk, num_warps=w, num_stages=3)
+                        for bn in (32, 64, 128) for bm in (8, 16) for w in (1, 2) for sk in (1, 2, 4, 8)]
                 else:  # the tensor-core kernel
                     grid = [dict(BLOCK_N=bn, BLOCK_M=16 if m <= 16 else 64, BLOCK_K=128, SPLIT_K=sk, num_warps=4,
                                  num_stages=3) for bn in (64, 128) for sk in (1, 2, 4)]

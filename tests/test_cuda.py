@@ -46,9 +46,15 @@ def test_cuda_graph_decode_equals_eager(family, hf_checkpoint):
         assert generate(model, prompt, 40, temperature=0.0, prefill_fn=prefill_fn, decode_fn=decode_fn) == eager
 
 
+# the tensor-core kernel's configs at one row: mma.sync (1-2 warps, 8 or 16 rows of x) and wgmma (4 warps)
+MMA_AT_ONE_ROW = [dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=128, SPLIT_K=4, num_warps=w, num_stages=3)
+                  for bn, bm, w in [(128, 8, 2), (32, 16, 1), (64, 16, 4)]]
+
+
 @pytest.mark.parametrize("group_size", [32, 128, 256])
-@pytest.mark.parametrize("m", [1, 2, 6, 16, 17, 64])
-def test_int4_kernel_in_bfloat16_on_cuda_is_close_to_float32_reference(m, group_size):
+@pytest.mark.parametrize("m,config", [(1, None), (2, None), (6, None), (16, None), (17, None), (64, None)]
+                         + [(1, c) for c in MMA_AT_ONE_ROW])
+def test_int4_kernel_in_bfloat16_on_cuda_is_close_to_float32_reference(m, config, group_size):
     from kernels import int4_matmul
     from quantize import dequantize_int4, quantize_int4
 
@@ -56,7 +62,7 @@ def test_int4_kernel_in_bfloat16_on_cuda_is_close_to_float32_reference(m, group_
     w, x = torch.randn(300, 1000, generator=g), torch.randn(m, 1000, generator=g)
     packed, scales, offsets = (t.cuda() for t in quantize_int4(w.bfloat16(), group_size))
     expected = x @ dequantize_int4(packed, scales, offsets, 1000, torch.float32).cpu().T
-    got = int4_matmul(x.bfloat16().cuda(), packed, scales, offsets, group_size).float().cpu()
+    got = int4_matmul(x.bfloat16().cuda(), packed, scales, offsets, group_size, config=config).float().cpu()
     assert ((got - expected).norm() / expected.norm()).item() <= 1e-2  # bf16 inputs and output
 
 
