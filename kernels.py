@@ -209,7 +209,8 @@ if triton is not None:
     def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, o_ptr, r_ptr, y_ptr, part_ptr, count_ptr, M, N, K, row_words,
                          stride_xm, stride_wn, stride_sn, stride_ym, k_per_split, GROUP: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                         RESIDUAL: tl.constexpr, ASM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         RESIDUAL: tl.constexpr, ASM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         EVEN_K: tl.constexpr):
         """y[M, N] = x[M, K] @ dequant(w).T (+ r) on tensor cores for several rows x (speculative verify, prefill),
         computed transposed, y.T = W x.T: the weights are the MMA's first operand and x.T, padded to BLOCK_M >= 16
         rows, the small second one.
@@ -220,7 +221,8 @@ if triton is not None:
         and offset o come after the block's products, from u s + o = (128 + u) s + (o - 128 s): acc += s * (W'x) +
         (o - 128 s) * sum(x). Smaller groups (32, 64) dequantize each weight, u s + o, before the product.
         Split-K: as _gemv_kernel (partials [SPLIT_K, M, N] float32, the last program of a block of rows to arrive
-        adds them up in order); it needs all M rows in one BLOCK_M."""
+        adds them up in order); it needs all M rows in one BLOCK_M. EVEN_K: K is a multiple of BLOCK_K, so no
+        block runs past a row's end and only x's rows need masks."""
         pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         WORDS: tl.constexpr = BLOCK_K // 8
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -232,7 +234,10 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             t = k0 // 8 + tl.arange(0, WORDS)
-            w_ok = n_ok[:, None] & (t < row_words)[None, :]  # (rows are padded to whole groups, not whole blocks)
+            if EVEN_K:
+                w_ok = n_ok[:, None] & (t >= 0)[None, :]  # (a broadcast mask the compiler folds)
+            else:  # rows are padded to whole groups, not whole blocks
+                w_ok = n_ok[:, None] & (t < row_words)[None, :]
             words = tl.load(w_ptr + rn[:, None] * stride_wn + t[None, :], mask=w_ok, other=0)  # [BLOCK_N, WORDS]
             s, o = words, words  # (unused with whole-block groups)
             if GROUP < BLOCK_K:  # a word's 8 columns lie in one group (a multiple of 8 columns)
@@ -243,9 +248,9 @@ if triton is not None:
             x_at = x_ptr + rm[None, :] * stride_xm + 8 * t[:, None]
             block, x_sum = _int4_mma_half(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32),
                                           tl.zeros((WORDS, BLOCK_M), dtype=tl.float32), words, s, o, x_at, m_ok, t,
-                                          K, False, GROUP < BLOCK_K, ASM, DOT_PRECISION)
+                                          K, False, GROUP < BLOCK_K, ASM, DOT_PRECISION, EVEN_K)
             block, x_sum = _int4_mma_half(block, x_sum, words, s, o, x_at, m_ok, t, K, True, GROUP < BLOCK_K, ASM,
-                                          DOT_PRECISION)
+                                          DOT_PRECISION, EVEN_K)
             if GROUP < BLOCK_K:
                 acc += block
             else:
@@ -272,7 +277,7 @@ if triton is not None:
 
     @triton.jit
     def _int4_mma_half(block, x_sum, words, s, o, x_at, m_ok, t, K, HIGH: tl.constexpr, SCALE: tl.constexpr,
-                       ASM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       ASM: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
         """block += W_i x_i.T and x_sum += x_i.T for values i = 0..3 (HIGH: 4..7) of the block's words
         (_int4_mma_kernel); SCALE: dequantize each weight first, u s + o, given s and o - 128 s (small groups)."""
         dtype: tl.constexpr = x_at.dtype.element_ty
@@ -282,19 +287,26 @@ if triton is not None:
         else:
             w_a, w_b = _int4_as_float(words, first, dtype), _int4_as_float(words, first + 1, dtype)
             w_c, w_d = _int4_as_float(words, first + 2, dtype), _int4_as_float(words, first + 3, dtype)
-        block, x_sum = _int4_mma_step(block, x_sum, w_a, s, o, x_at, m_ok, t, K, first, SCALE, DOT_PRECISION)
-        block, x_sum = _int4_mma_step(block, x_sum, w_b, s, o, x_at, m_ok, t, K, first + 1, SCALE, DOT_PRECISION)
-        block, x_sum = _int4_mma_step(block, x_sum, w_c, s, o, x_at, m_ok, t, K, first + 2, SCALE, DOT_PRECISION)
-        block, x_sum = _int4_mma_step(block, x_sum, w_d, s, o, x_at, m_ok, t, K, first + 3, SCALE, DOT_PRECISION)
+        block, x_sum = _int4_mma_step(block, x_sum, w_a, s, o, x_at, m_ok, t, K, first, SCALE, DOT_PRECISION,
+                                      EVEN_K)
+        block, x_sum = _int4_mma_step(block, x_sum, w_b, s, o, x_at, m_ok, t, K, first + 1, SCALE, DOT_PRECISION,
+                                      EVEN_K)
+        block, x_sum = _int4_mma_step(block, x_sum, w_c, s, o, x_at, m_ok, t, K, first + 2, SCALE, DOT_PRECISION,
+                                      EVEN_K)
+        block, x_sum = _int4_mma_step(block, x_sum, w_d, s, o, x_at, m_ok, t, K, first + 3, SCALE, DOT_PRECISION,
+                                      EVEN_K)
         return block, x_sum
 
     @triton.jit
     def _int4_mma_step(block, x_sum, w_i, s, o, x_at, m_ok, t, K, i: tl.constexpr, SCALE: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
         """block += W_i x_i.T and x_sum += x_i.T for value i of the block's words."""
         if SCALE:
             w_i = (w_i.to(tl.float32) * s + o).to(w_i.dtype)
-        x_i = tl.load(x_at + i, mask=m_ok[None, :] & (8 * t + i < K)[:, None], other=0.0)  # [WORDS, BLOCK_M]
+        if EVEN_K:
+            x_i = tl.load(x_at + i, mask=m_ok[None, :], other=0.0)  # [WORDS, BLOCK_M]
+        else:
+            x_i = tl.load(x_at + i, mask=m_ok[None, :] & (8 * t + i < K)[:, None], other=0.0)
         return tl.dot(w_i, x_i, block, input_precision=DOT_PRECISION), x_sum + x_i.to(tl.float32)
 
     @triton.jit
@@ -490,7 +502,7 @@ def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, grou
         x, w, scales, offsets, y if residual is None else residual, y, part, y if split == 1 else counters, m, n, k,
         w.shape[1], x.stride(0), w.stride(0), scales.stride(0), y.stride(0),
         triton.cdiv(blocks, split) * config["BLOCK_K"], GROUP=group_size, SPLIT_K=split,
-        RESIDUAL=residual is not None, ASM=asm,
+        RESIDUAL=residual is not None, ASM=asm, EVEN_K=k % config["BLOCK_K"] == 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32: exact products, not TF32's
         **config)
     return y

@@ -194,7 +194,7 @@ def test_kernels_compile_for_hopper_with_the_types_inductor_passes():
         pointers = dict(w_ptr="*i32", part_ptr="*fp32", count_ptr="*i32" if split > 1 else "*bf16")
         launches.append(("_int4_mma_kernel", pointers, dict(
             GROUP=128, BLOCK_N=64, BLOCK_M=16, BLOCK_K=128, SPLIT_K=split, RESIDUAL=True, ASM=True,
-            DOT_PRECISION="tf32"), 4))
+            DOT_PRECISION="tf32", EVEN_K=True), 4))
     config = attention_config(216)
     for splits in (1, 14):
         f32 = "*fp32" if splits > 1 else "*bf16"

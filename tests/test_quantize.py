@@ -148,18 +148,21 @@ def test_int4_decode_kernel_block_sizes_and_split_k(block_k, split_k):
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
-@pytest.mark.parametrize("m,group_size,split_k,block_n,block_m", [(1, 128, 4, 16, 16), (6, 128, 4, 64, 16),
+@pytest.mark.parametrize("m,group_size,split_k,block_n,block_m", [(1, 128, 4, 16, 16), (1, 128, 4, 32, 8),
+                                                                  (6, 128, 4, 64, 16),
                                                                   (16, 256, 3, 64, 16),
                                                                   (3, 64, 2, 64, 16), (20, 128, 4, 64, 16),
                                                                   (40, 128, 1, 128, 64)])
 def test_int4_tensor_core_kernel_splits_k_and_adds_the_residual(m, group_size, split_k, block_n, block_m):
-    # one row (decode, a config with BLOCK_M takes this kernel) or several (a k + 1 verify): split-K partials meet in the last program of a row block, which adds the
-    # residual and leaves the arrival counters at zero; 20 rows span two row blocks, where split-K is not used;
-    # 40 rows in the prefill config for wide matrices (more rows a program than the matrix has)
+    # one row (decode: a config with BLOCK_M takes this kernel; x padded to 16 or to 8 rows, with K a multiple of
+    # the block, no masks along K) or several (a k + 1 verify): split-K partials meet in the last program of a row
+    # block, which adds the residual and leaves the arrival counters at zero; 20 rows span two row blocks, where
+    # split-K is not used; 40 rows in the prefill config for wide matrices (more rows a program than the matrix has)
     g = torch.Generator().manual_seed(m)
-    w, x, r = torch.randn(96, 1000, generator=g), torch.randn(m, 1000, generator=g), torch.randn(m, 96, generator=g)
+    k = 1024 if block_m == 8 else 1000
+    w, x, r = torch.randn(96, k, generator=g), torch.randn(m, k, generator=g), torch.randn(m, 96, generator=g)
     packed, scales, offsets = quantize_int4(w, group_size)
-    expected = x @ dequantize_int4(packed, scales, offsets, 1000, torch.float32).T + r
+    expected = x @ dequantize_int4(packed, scales, offsets, k, torch.float32).T + r
     counters = torch.zeros(8, dtype=torch.int32, device=KERNEL_DEVICE)
     config = dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=128, SPLIT_K=split_k, num_warps=4)
     on = (t.to(KERNEL_DEVICE) for t in (x, packed, scales, offsets))
