@@ -11,8 +11,8 @@ kernels, not a dozen:
 _decode_attention_kernel does the rest of attention for one token: RoPE, the KV cache write, split-KV softmax.
 fuse_decode(model) swaps each TransformerBlock for a DecodeBlock and the final norm + output head for a
 DecodeLinear, in place, after loading. With more than one token (prefill, speculative verify) or off CUDA, the
-model's own modules run, unchanged. _int4_mma_kernel multiplies several rows by int4 weights on tensor cores
-(the k + 1 rows of a speculative verify, prefill).
+model's own modules run, unchanged. _int4_mma_kernel multiplies rows by int4 weights on tensor cores: one row (most
+int4 decode matrices), the k + 1 rows of a speculative verify, a prefill.
 """
 from typing import Optional
 
@@ -206,14 +206,15 @@ if triton is not None:
             constraints="=r,=r,=r,=r,r,r", args=[words], dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
 
     @triton.jit
-    def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, o_ptr, r_ptr, y_ptr, part_ptr, count_ptr, M, N, K, row_words,
-                         stride_xm, stride_wn, stride_sn, stride_ym, k_per_split, GROUP: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                         RESIDUAL: tl.constexpr, ASM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         EVEN_K: tl.constexpr):
-        """y[M, N] = x[M, K] @ dequant(w).T (+ r) on tensor cores for several rows x (speculative verify, prefill),
-        computed transposed, y.T = W x.T: the weights are the MMA's first operand and x.T, padded to BLOCK_M >= 16
-        rows, the small second one.
+    def _int4_mma_kernel(x_ptr, g_ptr, w_ptr, s_ptr, o_ptr, r_ptr, y_ptr, part_ptr, ss_ptr, count_ptr, M, N, K,
+                         row_words, stride_xm, stride_wn, stride_sn, stride_ym, k_per_split, eps,
+                         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                         SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr, ASM: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, PROLOGUE: tl.constexpr):
+        """y[M, N] = W prologue(x[M, K]) (+ r) with int4 W on tensor cores (decode, speculative verify, prefill),
+        computed transposed, y.T = W x.T: the weights are the MMA's first operand and x.T, padded to BLOCK_M >= 8
+        rows, the small second one. PROLOGUE as _gemv_kernel's (rmsnorm: x * g in the products, each row's
+        rsqrt(mean(x^2) + eps) at the end; swiglu: x [M, 2K] = [gate | up]).
 
         Word t of a row holds columns 8t + i (i = 0..7), so W x.T splits into 8 products over K / 8: W_i
         [BLOCK_N, BLOCK_K / 8] (value i of each word) times x_i.T (x's columns 8t + i). With a group of at least
@@ -221,8 +222,9 @@ if triton is not None:
         and offset o come after the block's products, from u s + o = (128 + u) s + (o - 128 s): acc += s * (W'x) +
         (o - 128 s) * sum(x). Smaller groups (32, 64) dequantize each weight, u s + o, before the product.
         Split-K: as _gemv_kernel (partials [SPLIT_K, M, N] float32, the last program of a block of rows to arrive
-        adds them up in order); it needs all M rows in one BLOCK_M. EVEN_K: K is a multiple of BLOCK_K, so no
-        block runs past a row's end and only x's rows need masks."""
+        adds them up in order; rmsnorm's sums of squares likewise, ss [row blocks, SPLIT_K, BLOCK_M]); it needs all
+        M rows in one BLOCK_M. EVEN_K: K is a multiple of BLOCK_K, so no block runs past a row's end. Rows of x past
+        M read row M - 1 instead of masking: they only reach columns of y.T that are not stored."""
         pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         WORDS: tl.constexpr = BLOCK_K // 8
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -230,8 +232,9 @@ if triton is not None:
         n_ok, m_ok = rn < N, rm < M
         k_start = split * k_per_split
         k_end = tl.minimum(k_start + k_per_split, tl.cdiv(K, BLOCK_K) * BLOCK_K)
-        dtype = x_ptr.dtype.element_ty
+        x_rows = x_ptr + tl.minimum(rm, M - 1)[None, :] * stride_xm  # [1, BLOCK_M]
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_K // 8, BLOCK_M), dtype=tl.float32)  # (rmsnorm's, summed over rows at the end)
         for k0 in range(k_start, k_end, BLOCK_K):
             t = k0 // 8 + tl.arange(0, WORDS)
             if EVEN_K:
@@ -245,12 +248,12 @@ if triton is not None:
                 s = tl.load(s_ptr + at, mask=w_ok, other=0.0).to(tl.float32)  # [BLOCK_N, WORDS]
                 o = tl.load(o_ptr + at, mask=w_ok, other=0.0).to(tl.float32) - 128 * s
             # the block's products, and sum(x) for the offsets; x_i.T [WORDS, BLOCK_M] are x's columns 8t + i
-            x_at = x_ptr + rm[None, :] * stride_xm + 8 * t[:, None]
-            block, x_sum = _int4_mma_half(tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32),
-                                          tl.zeros((WORDS, BLOCK_M), dtype=tl.float32), words, s, o, x_at, m_ok, t,
-                                          K, False, GROUP < BLOCK_K, ASM, DOT_PRECISION, EVEN_K)
-            block, x_sum = _int4_mma_half(block, x_sum, words, s, o, x_at, m_ok, t, K, True, GROUP < BLOCK_K, ASM,
-                                          DOT_PRECISION, EVEN_K)
+            block, x_sum, squares = _int4_mma_half(
+                tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), tl.zeros((WORDS, BLOCK_M), dtype=tl.float32),
+                squares, words, s, o, x_rows, g_ptr, 8 * t[:, None], K, False, GROUP < BLOCK_K, ASM, DOT_PRECISION,
+                EVEN_K, PROLOGUE)
+            block, x_sum, squares = _int4_mma_half(block, x_sum, squares, words, s, o, x_rows, g_ptr, 8 * t[:, None],
+                                                   K, True, GROUP < BLOCK_K, ASM, DOT_PRECISION, EVEN_K, PROLOGUE)
             if GROUP < BLOCK_K:
                 acc += block
             else:
@@ -260,54 +263,66 @@ if triton is not None:
                 acc += s[:, None] * block + (o - 128 * s)[:, None] * tl.sum(x_sum, axis=0)[None, :]
         y_at = rm[None, :] * stride_ym + rn[:, None]  # y.T's [BLOCK_N, BLOCK_M] tile
         y_ok = n_ok[:, None] & m_ok[None, :]
+        ss = tl.sum(squares, axis=0)  # [BLOCK_M]
         if SPLIT_K == 1:
+            if PROLOGUE == 1:
+                acc = acc * tl.rsqrt(ss / K + eps)[None, :]
             if RESIDUAL:
                 acc += tl.load(r_ptr + y_at, mask=y_ok, other=0.0).to(tl.float32)
             tl.store(y_ptr + y_at, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
         else:
             part_at = rm[None, :] * N + rn[:, None]
             tl.store(part_ptr + split * M * N + part_at, acc, mask=y_ok)
+            ss_at = pid_n * SPLIT_K * BLOCK_M + tl.arange(0, BLOCK_M)
+            if PROLOGUE == 1:
+                tl.store(ss_ptr + ss_at + split * BLOCK_M, ss)
             tl.debug_barrier()
             if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
                 total = _sum_splits(part_ptr, part_at, y_ok, M * N, SPLIT_K)
+                if PROLOGUE == 1:
+                    total_ss = _sum_splits(ss_ptr, ss_at, ss_at >= 0, BLOCK_M, SPLIT_K)
+                    total = total * tl.rsqrt(total_ss / K + eps)[None, :]
                 tl.store(count_ptr + pid_n, 0)
                 if RESIDUAL:
                     total += tl.load(r_ptr + y_at, mask=y_ok, other=0.0).to(tl.float32)
                 tl.store(y_ptr + y_at, total.to(y_ptr.dtype.element_ty), mask=y_ok)
 
     @triton.jit
-    def _int4_mma_half(block, x_sum, words, s, o, x_at, m_ok, t, K, HIGH: tl.constexpr, SCALE: tl.constexpr,
-                       ASM: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
-        """block += W_i x_i.T and x_sum += x_i.T for values i = 0..3 (HIGH: 4..7) of the block's words
-        (_int4_mma_kernel); SCALE: dequantize each weight first, u s + o, given s and o - 128 s (small groups)."""
-        dtype: tl.constexpr = x_at.dtype.element_ty
+    def _int4_mma_half(block, x_sum, squares, words, s, o, x_rows, g_ptr, cols, K, HIGH: tl.constexpr,
+                       SCALE: tl.constexpr, ASM: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+                       PROLOGUE: tl.constexpr):
+        """block += W_i x_i.T, x_sum += x_i.T (and squares += x_i.T^2 before the prologue) for values i = 0..3
+        (HIGH: 4..7) of the block's words (_int4_mma_kernel); x_i are x's columns cols + i (cols = 8t [WORDS, 1]).
+        SCALE: dequantize each weight first, u s + o, given s and o - 128 s (small groups)."""
+        dtype: tl.constexpr = x_rows.dtype.element_ty
         first: tl.constexpr = 4 if HIGH else 0
         if ASM:
             w_a, w_b, w_c, w_d = _int4_as_bf16_asm(words, HIGH)
         else:
             w_a, w_b = _int4_as_float(words, first, dtype), _int4_as_float(words, first + 1, dtype)
             w_c, w_d = _int4_as_float(words, first + 2, dtype), _int4_as_float(words, first + 3, dtype)
-        block, x_sum = _int4_mma_step(block, x_sum, w_a, s, o, x_at, m_ok, t, K, first, SCALE, DOT_PRECISION,
-                                      EVEN_K)
-        block, x_sum = _int4_mma_step(block, x_sum, w_b, s, o, x_at, m_ok, t, K, first + 1, SCALE, DOT_PRECISION,
-                                      EVEN_K)
-        block, x_sum = _int4_mma_step(block, x_sum, w_c, s, o, x_at, m_ok, t, K, first + 2, SCALE, DOT_PRECISION,
-                                      EVEN_K)
-        block, x_sum = _int4_mma_step(block, x_sum, w_d, s, o, x_at, m_ok, t, K, first + 3, SCALE, DOT_PRECISION,
-                                      EVEN_K)
-        return block, x_sum
+        block, x_sum, squares = _int4_mma_step(block, x_sum, squares, w_a, s, o, x_rows, g_ptr, cols + first, K,
+                                               SCALE, DOT_PRECISION, EVEN_K, PROLOGUE)
+        block, x_sum, squares = _int4_mma_step(block, x_sum, squares, w_b, s, o, x_rows, g_ptr, cols + first + 1, K,
+                                               SCALE, DOT_PRECISION, EVEN_K, PROLOGUE)
+        block, x_sum, squares = _int4_mma_step(block, x_sum, squares, w_c, s, o, x_rows, g_ptr, cols + first + 2, K,
+                                               SCALE, DOT_PRECISION, EVEN_K, PROLOGUE)
+        block, x_sum, squares = _int4_mma_step(block, x_sum, squares, w_d, s, o, x_rows, g_ptr, cols + first + 3, K,
+                                               SCALE, DOT_PRECISION, EVEN_K, PROLOGUE)
+        return block, x_sum, squares
 
     @triton.jit
-    def _int4_mma_step(block, x_sum, w_i, s, o, x_at, m_ok, t, K, i: tl.constexpr, SCALE: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr):
-        """block += W_i x_i.T and x_sum += x_i.T for value i of the block's words."""
+    def _int4_mma_step(block, x_sum, squares, w_i, s, o, x_rows, g_ptr, cols, K, SCALE: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, PROLOGUE: tl.constexpr):
+        """One value position's product: block += W_i x_i.T for x's columns cols [WORDS, 1] (_load_x: the prologue
+        in float32, rounded back to x's dtype for the MMA)."""
         if SCALE:
             w_i = (w_i.to(tl.float32) * s + o).to(w_i.dtype)
-        if EVEN_K:
-            x_i = tl.load(x_at + i, mask=m_ok[None, :], other=0.0)  # [WORDS, BLOCK_M]
-        else:
-            x_i = tl.load(x_at + i, mask=m_ok[None, :] & (8 * t + i < K)[:, None], other=0.0)
-        return tl.dot(w_i, x_i, block, input_precision=DOT_PRECISION), x_sum + x_i.to(tl.float32)
+        x_i, sq = _load_x(x_rows, g_ptr, cols, K, EVEN_K, PROLOGUE)  # [WORDS, BLOCK_M] float32
+        x_i = x_i.to(x_rows.dtype.element_ty)
+        if PROLOGUE == 1:
+            squares += sq
+        return tl.dot(w_i, x_i, block, input_precision=DOT_PRECISION), x_sum + x_i.to(tl.float32), squares
 
     @triton.jit
     def _decode_attention_kernel(qkv_ptr, rope_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, y_ptr, part_ptr, ml_ptr,
@@ -472,18 +487,20 @@ def int4_config(m: int, n: int, k: int, group_size: int) -> dict:
 
 def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, group_size: int,
                 residual: Optional[Tensor] = None, config: Optional[dict] = None,
-                counters: Optional[Tensor] = None) -> Tensor:
-    """x [M, K] @ dequant(packed).T (+ residual [M, N]) -> [M, N] with the Triton kernels (CUDA, or CPU under
-    TRITON_INTERPRET=1): _int4_mma_kernel, or _gemv_kernel where config is a GEMV's (no BLOCK_M; one row).
-    config: int4_config's keys (BLOCK_K 128, 16 words a row, for the tensor-core kernel; "ASM": False takes the
-    portable unpacking); counters: gemv's."""
+                counters: Optional[Tensor] = None, prologue: Optional[str] = None,
+                norm_weight: Optional[Tensor] = None, eps: float = 0.0) -> Tensor:
+    """x [M, K] (swiglu: [M, 2K]) @ dequant(packed).T (+ residual [M, N]) -> [M, N] with the Triton kernels (CUDA,
+    or CPU under TRITON_INTERPRET=1): _int4_mma_kernel, or _gemv_kernel where config is a GEMV's (no BLOCK_M; one
+    row). prologue, norm_weight, eps: as gemv's. config: int4_config's keys (BLOCK_K 128, 16 words a row, for the
+    tensor-core kernel; "ASM": False takes the portable unpacking); counters: gemv's."""
     x = x.contiguous()
-    m, k = x.shape
+    m = x.shape[0]
+    k = x.shape[1] // 2 if prologue == "swiglu" else x.shape[1]
     n = packed.shape[0]
     config = dict(config or int4_config(m, n, k, group_size))
     if "BLOCK_M" not in config:  # a GEMV config (one row)
         return gemv(x, packed, scales, offsets, bits=4, group_size=group_size, config=config, residual=residual,
-                    counters=counters)
+                    counters=counters, prologue=prologue, norm_weight=norm_weight, eps=eps)
     split = config.pop("SPLIT_K", 1)
     if m > config["BLOCK_M"]:  # a row block's partials meet in one program, so all rows must be in one
         split = 1
@@ -492,17 +509,19 @@ def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, grou
     w = packed.view(torch.int32)
     blocks, row_blocks = triton.cdiv(k, config["BLOCK_K"]), triton.cdiv(n, config["BLOCK_N"])
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    part = y
+    part = ss = y
     if split > 1:
         part = torch.empty(split, m, n, device=x.device, dtype=torch.float32)
+        if prologue == "rmsnorm":
+            ss = torch.empty(row_blocks, split, config["BLOCK_M"], device=x.device, dtype=torch.float32)
         if counters is None or counters.numel() < row_blocks:
             counters = torch.zeros(row_blocks, device=x.device, dtype=torch.int32)
     grid = (row_blocks, triton.cdiv(m, config["BLOCK_M"]), split)
     _int4_mma_kernel[grid](
-        x, w, scales, offsets, y if residual is None else residual, y, part, y if split == 1 else counters, m, n, k,
-        w.shape[1], x.stride(0), w.stride(0), scales.stride(0), y.stride(0),
-        triton.cdiv(blocks, split) * config["BLOCK_K"], GROUP=group_size, SPLIT_K=split,
-        RESIDUAL=residual is not None, ASM=asm, EVEN_K=k % config["BLOCK_K"] == 0,
+        x, x if norm_weight is None else norm_weight, w, scales, offsets, y if residual is None else residual, y,
+        part, ss, y if split == 1 else counters, m, n, k, w.shape[1], x.stride(0), w.stride(0), scales.stride(0),
+        y.stride(0), triton.cdiv(blocks, split) * config["BLOCK_K"], eps, GROUP=group_size, SPLIT_K=split,
+        RESIDUAL=residual is not None, ASM=asm, EVEN_K=k % config["BLOCK_K"] == 0, PROLOGUE=PROLOGUES[prologue],
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32: exact products, not TF32's
         **config)
     return y
@@ -576,8 +595,9 @@ def runs_gemv(linear: nn.Module) -> bool:
 
 
 def takes_prologue(linear: nn.Module) -> bool:
-    """Whether `linear`'s GEMV also does the op in front of it (RMSNorm, SwiGLU): float and int8 weights; int4's
-    GEMV is bound by instructions and measured slower with a prologue (BENCHMARKS.md), so int4 takes x as is."""
+    """Whether `linear`'s GEMV also does the op in front of it (RMSNorm, SwiGLU): float and int8 weights. int4 takes
+    x as is: its GEMV measured slower with a prologue (BENCHMARKS.md); the tensor-core kernel, which now runs most
+    int4 decode matrices, takes the same prologues (int4_matmul) but has not been timed with them yet."""
     return runs_gemv(linear) and linear.weight.dtype != torch.uint8
 
 

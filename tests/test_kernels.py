@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from generate import load_model
 from kernels import (DecodeBlock, DecodeLinear, attention_config, decode_attention, fuse_decode, gemv, gemv_config,
-                     triton)
+                     int4_matmul, triton)
 from model import ModelArgs, RMSNorm, apply_rotary_emb, causal_mask, precompute_rope
 from quantize import dequantize_int4, quantize_checkpoint, quantize_int4, quantize_int8
 
@@ -34,6 +34,17 @@ def weight_in(bits: int, w: torch.Tensor, group_size: int = 64):
     return dict(weight=w), w.float()
 
 
+def with_prologue(x, prologue, norm_weight):
+    """x after the op a kernel folds in front of its matmul, in float32: RMSNorm (eps 1e-5), SwiGLU or nothing."""
+    xf = x.float()
+    if prologue == "rmsnorm":
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_weight.float()
+    if prologue == "swiglu":
+        gate, up = xf.chunk(2, dim=-1)
+        xf = F.silu(gate) * up
+    return xf
+
+
 @pytest.mark.parametrize("bits", [0, 8, 4])
 @pytest.mark.parametrize("prologue", [None, "rmsnorm", "swiglu"])
 @pytest.mark.parametrize("n,k,split", [(40, 320, 1), (17, 1000, 3)])
@@ -43,12 +54,7 @@ def test_gemv_with_a_fused_prologue_and_residual_matches_pytorch(bits, prologue,
     x = torch.randn(1, 2 * k if prologue == "swiglu" else k, generator=g).to(DTYPE) * 3
     norm_weight = torch.rand(k, generator=g).to(DTYPE) + 0.5
     ops, w_float = weight_in(bits, w)
-    xf = x.float()
-    if prologue == "rmsnorm":
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_weight.float()
-    if prologue == "swiglu":
-        gate, up = xf.chunk(2, dim=-1)
-        xf = F.silu(gate) * up
+    xf = with_prologue(x, prologue, norm_weight)
     residual = torch.randn(1, n, generator=g).to(DTYPE)
     expected = xf @ w_float.T + residual.float()
     # blocks that do not divide K, and split-K (partial sums and sums of squares, added up by the last program of
@@ -63,6 +69,31 @@ def test_gemv_with_a_fused_prologue_and_residual_matches_pytorch(bits, prologue,
         assert got.shape == (1, n)
         assert ((got - expected).norm() / expected.norm()).item() <= TOL
         assert not counters.any()
+
+
+@pytest.mark.parametrize("prologue", ["rmsnorm", "swiglu"])
+@pytest.mark.parametrize("m,k,split,block_m", [(1, 1024, 3, 8), (5, 1000, 1, 16), (5, 1000, 2, 16)])
+def test_int4_tensor_core_kernel_with_a_fused_prologue_matches_pytorch(prologue, m, k, split, block_m):
+    # the prologue on each x tile; rmsnorm's sums of squares are split like the products and meet in the last
+    # program of a row block; padded rows of x (m < block_m) read a real row and must not disturb the others
+    g = torch.Generator().manual_seed(m * k + split)
+    w = torch.randn(40, k, generator=g).to(DTYPE)
+    x = torch.randn(m, 2 * k if prologue == "swiglu" else k, generator=g).to(DTYPE) * 3
+    norm_weight = torch.rand(k, generator=g).to(DTYPE) + 0.5
+    packed, scales, offsets = quantize_int4(w, 128)
+    residual = torch.randn(m, 40, generator=g).to(DTYPE)
+    expected = (with_prologue(x, prologue, norm_weight) @ dequantize_int4(packed, scales, offsets, k, torch.float32).T
+                + residual.float())
+    config = dict(BLOCK_N=32, BLOCK_M=block_m, BLOCK_K=128, SPLIT_K=split, num_warps=2)
+    counters = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    on = (t.to(DEVICE) for t in (x, packed, scales, offsets))
+    got = int4_matmul(*on, 128, residual=residual.to(DEVICE), config=config, counters=counters, prologue=prologue,
+                      norm_weight=norm_weight.to(DEVICE), eps=1e-5).float().cpu()
+    # float32 on the CPU: 1e-4, not 1e-5: the kernel multiplies 128 + u and takes 128 s sum(x) back off with the
+    # offsets, which cancels ~4 bits of the float32 sums (the other tensor-core tests, test_quantize.py, allow 1e-4
+    # of the largest output for the same reason); a wrong prologue or scale is off by more than 1e-2
+    assert ((got - expected).norm() / expected.norm()).item() <= max(TOL, 1e-4)
+    assert not counters.any()
 
 
 def reference_attention(qkv, rope, k_cache, v_cache, pos, n_heads, n_kv_heads, window):
@@ -190,11 +221,14 @@ def test_kernels_compile_for_hopper_with_the_types_inductor_passes():
         launches.append(("_gemv_kernel", pointers, dict(
             K=4096, BITS=bits, GROUP=128 if bits == 4 else 4096, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
             EVEN_K=True, PROLOGUE=prologue, SPLIT_K=split, RESIDUAL=True), config["num_warps"]))
-    for split in (1, 4):  # the tensor-core int4 kernel, its nibbles unpacked by inline PTX (ASM)
-        pointers = dict(w_ptr="*i32", part_ptr="*fp32", count_ptr="*i32" if split > 1 else "*bf16")
+    # the tensor-core int4 kernel, its nibbles unpacked by inline PTX (ASM): wgmma (4 warps) and mma.sync (2 warps,
+    # x padded to 8 rows) with each prologue
+    for split, prologue, block_m, warps in [(1, 0, 16, 4), (4, 0, 16, 4), (4, 1, 8, 2), (1, 1, 8, 2), (8, 2, 8, 2)]:
+        pointers = dict(w_ptr="*i32", part_ptr="*fp32", count_ptr="*i32" if split > 1 else "*bf16",
+                        ss_ptr="*fp32" if prologue == 1 and split > 1 else "*bf16")
         launches.append(("_int4_mma_kernel", pointers, dict(
-            GROUP=128, BLOCK_N=64, BLOCK_M=16, BLOCK_K=128, SPLIT_K=split, RESIDUAL=True, ASM=True,
-            DOT_PRECISION="tf32", EVEN_K=True), 4))
+            GROUP=128, BLOCK_N=64, BLOCK_M=block_m, BLOCK_K=128, SPLIT_K=split, RESIDUAL=True, ASM=True,
+            DOT_PRECISION="tf32", EVEN_K=True, PROLOGUE=prologue), warps))
     config = attention_config(216)
     for splits in (1, 14):
         f32 = "*fp32" if splits > 1 else "*bf16"
