@@ -334,6 +334,9 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
                     grid = [gemv_config(4, n, k, group_size)] + [
                         dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=128, SPLIT_K=sk, num_warps=w, num_stages=3)
                         for bn in (32, 64, 128) for bm in (8, 16) for w in (1, 2) for sk in (1, 2, 4, 8)]
+                    if n <= 8192:  # few row blocks (wo, w2): more splits
+                        grid += [dict(BLOCK_N=bn, BLOCK_M=8, BLOCK_K=128, SPLIT_K=16, num_warps=w, num_stages=3)
+                                 for bn in (16, 32, 64) for w in (1, 2)]
                 else:  # the tensor-core kernel
                     grid = [dict(BLOCK_N=bn, BLOCK_M=16 if m <= 16 else 64, BLOCK_K=128, SPLIT_K=sk, num_warps=4,
                                  num_stages=3) for bn in (64, 128) for sk in (1, 2, 4)]
