@@ -312,7 +312,8 @@ def quant_microbench(device: torch.device, dtype: torch.dtype, ms: list, group_s
 
 def config_key(config: dict) -> str:
     """e.g. n8_k128_s4_w2 for BLOCK_N=8, BLOCK_K=128, SPLIT_K=4, num_warps=2 (stages: _p3)."""
-    short = dict(BLOCK_M="m", BLOCK_N="n", BLOCK_K="k", SPLIT_K="s", num_warps="w", num_stages="p", ASM="a")
+    short = dict(BLOCK_M="m", BLOCK_N="n", BLOCK_K="k", SPLIT_K="s", num_warps="w", num_stages="p", ASM="a",
+                 maxnreg="r")
     return "_".join(f"{short[k]}{v}" for k, v in config.items())
 
 
@@ -334,6 +335,11 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
                     grid = [gemv_config(4, n, k, group_size)] + [
                         dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=128, SPLIT_K=sk, num_warps=w, num_stages=3)
                         for bn in (32, 64, 128) for bm in (8, 16) for w in (1, 2) for sk in (1, 2, 4, 8)]
+                    # registers bound the warps an SM holds (BENCHMARKS.md: ncu): 64 rows on 1 warp takes 255 and
+                    # spills; cap them, and vary the cp.async stages
+                    grid += [dict(BLOCK_N=64, BLOCK_M=8, BLOCK_K=128, SPLIT_K=sk, num_warps=1, num_stages=p, **r)
+                             for sk in (4, 8) for p, r in [(3, dict(maxnreg=168)), (3, dict(maxnreg=128)),
+                                                           (2, {}), (4, {})]]
                     if n <= 8192:  # few row blocks (wo, w2): more splits
                         grid += [dict(BLOCK_N=bn, BLOCK_M=8, BLOCK_K=128, SPLIT_K=16, num_warps=w, num_stages=3)
                                  for bn in (16, 32, 64) for w in (1, 2)]
