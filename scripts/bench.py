@@ -374,8 +374,14 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
                 copies = [(q8, s8)] + [(q8.clone(), s8.clone()) for _ in range(weight_copies(nbytes, device) - 1)]
                 x, op = decode_op(name, n, k, device, dtype)  # with the op the decode step folds in
                 results = {}
-                for config in [dict(BLOCK_N=bn, BLOCK_K=512, SPLIT_K=sk, num_warps=w) for bn in (16, 32, 64)
-                               for sk in (1, 2, 4, 8) for w in (2, 4, 8)]:
+                grid = [dict(BLOCK_N=bn, BLOCK_K=512, SPLIT_K=sk, num_warps=w) for bn in (16, 32, 64)
+                        for sk in (1, 2, 4, 8) for w in (2, 4, 8)]
+                # more, smaller programs (wqkv's 768 programs fill 23 of an SM's 32 warps, BENCHMARKS.md: ncu), and
+                # longer blocks (more bytes in flight a warp)
+                grid += [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=w) for bn, bk in [(8, 512), (8, 1024),
+                                                                                            (16, 1024)]
+                         for sk in (1, 2, 4) for w in (4, 8)]
+                for config in grid:
                     t_ms = graph_ms_per_call([lambda c=c: gemv(x, c[0], c[1], bits=8, config=config,
                                                                counters=counters, **op)
                                               for c in copies * 4], device, reps=10)
