@@ -577,7 +577,7 @@ def linear_gemv(x: Tensor, linear: nn.Module, **kw) -> Tensor:
     w = linear.weight
     if w.dtype == torch.int8:
         y = gemv(x, w, linear.scales, bits=8, **kw)
-    elif w.dtype == torch.uint8:  # (no prologue: takes_prologue) the GEMV or the tensor-core kernel, by int4_config
+    elif w.dtype == torch.uint8:  # the GEMV or the tensor-core kernel, as int4_config picks
         y = int4_matmul(x, w, linear.scales, linear.offsets, linear.group_size, **kw)
     else:
         y = gemv(x, w, **kw)
