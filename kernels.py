@@ -210,7 +210,8 @@ if triton is not None:
                          row_words, stride_xm, stride_wn, stride_sn, stride_ym, k_per_split, eps,
                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                          SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr, ASM: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, PROLOGUE: tl.constexpr):
+                         DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, PROLOGUE: tl.constexpr,
+                         ONE_ROW: tl.constexpr):
         """y[M, N] = W prologue(x[M, K]) (+ r) with int4 W on tensor cores (decode, speculative verify, prefill),
         computed transposed, y.T = W x.T: the weights are the MMA's first operand and x.T, padded to BLOCK_M >= 8
         rows, the small second one. PROLOGUE as _gemv_kernel's (rmsnorm: x * g in the products, each row's
@@ -224,7 +225,11 @@ if triton is not None:
         Split-K: as _gemv_kernel (partials [SPLIT_K, M, N] float32, the last program of a block of rows to arrive
         adds them up in order; rmsnorm's sums of squares likewise, ss [row blocks, SPLIT_K, BLOCK_M]); it needs all
         M rows in one BLOCK_M. EVEN_K: K is a multiple of BLOCK_K, so no block runs past a row's end. Rows of x past
-        M read row M - 1 instead of masking: they only reach columns of y.T that are not stored."""
+        M read row M - 1 instead of masking: they only reach columns of y.T that are not stored. ONE_ROW (M = 1,
+        decode): x's block is read once, [1, BLOCK_K], split by value position and broadcast to the MMA's columns,
+        and sum(x) taken over it in one reduction: 14% fewer instructions a loop iteration than loading x_i at each
+        position into the MMA operand's layout, which holds each value 8 times, and 15% more tok/s end to end
+        (BENCHMARKS.md). More rows read x at each position: for them splitting the block took more instructions."""
         pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         WORDS: tl.constexpr = BLOCK_K // 8
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -234,7 +239,8 @@ if triton is not None:
         k_end = tl.minimum(k_start + k_per_split, tl.cdiv(K, BLOCK_K) * BLOCK_K)
         x_rows = x_ptr + tl.minimum(rm, M - 1)[None, :] * stride_xm  # [1, BLOCK_M]
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        squares = tl.zeros((BLOCK_K // 8, BLOCK_M), dtype=tl.float32)  # (rmsnorm's, summed over rows at the end)
+        # rmsnorm's squares of x, summed over columns at the end
+        squares = tl.zeros((1, BLOCK_K) if ONE_ROW else (WORDS, BLOCK_M), dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             t = k0 // 8 + tl.arange(0, WORDS)
             if EVEN_K:
@@ -247,23 +253,34 @@ if triton is not None:
                 at = rn[:, None] * stride_sn + (8 * t[None, :]) // GROUP
                 s = tl.load(s_ptr + at, mask=w_ok, other=0.0).to(tl.float32)  # [BLOCK_N, WORDS]
                 o = tl.load(o_ptr + at, mask=w_ok, other=0.0).to(tl.float32) - 128 * s
+            x = x_rows  # (ONE_ROW: the block of x [1, BLOCK_K] after the prologue, in x's dtype)
+            if ONE_ROW:
+                x, sq = _load_x(x_ptr, g_ptr, k0 + tl.arange(0, BLOCK_K)[None, :], K, EVEN_K, PROLOGUE)
+                if PROLOGUE == 1:
+                    squares += sq
+                x = x.to(x_ptr.dtype.element_ty)
             # the block's products, and sum(x) for the offsets; x_i.T [WORDS, BLOCK_M] are x's columns 8t + i
             block, x_sum, squares = _int4_mma_half(
                 tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), tl.zeros((WORDS, BLOCK_M), dtype=tl.float32),
-                squares, words, s, o, x_rows, g_ptr, 8 * t[:, None], K, False, GROUP < BLOCK_K, ASM, DOT_PRECISION,
-                EVEN_K, PROLOGUE)
-            block, x_sum, squares = _int4_mma_half(block, x_sum, squares, words, s, o, x_rows, g_ptr, 8 * t[:, None],
-                                                   K, True, GROUP < BLOCK_K, ASM, DOT_PRECISION, EVEN_K, PROLOGUE)
+                squares, words, s, o, x, x_rows, g_ptr, 8 * t[:, None], K, False, GROUP < BLOCK_K, ASM,
+                DOT_PRECISION, EVEN_K, PROLOGUE, ONE_ROW)
+            block, x_sum, squares = _int4_mma_half(block, x_sum, squares, words, s, o, x, x_rows, g_ptr,
+                                                   8 * t[:, None], K, True, GROUP < BLOCK_K, ASM, DOT_PRECISION,
+                                                   EVEN_K, PROLOGUE, ONE_ROW)
             if GROUP < BLOCK_K:
                 acc += block
             else:
                 g = k0 // GROUP
                 s = tl.load(s_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
                 o = tl.load(o_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-                acc += s[:, None] * block + (o - 128 * s)[:, None] * tl.sum(x_sum, axis=0)[None, :]
+                if ONE_ROW:
+                    x_total = tl.sum(x.to(tl.float32), axis=1)  # [1]
+                else:
+                    x_total = tl.sum(x_sum, axis=0)  # [BLOCK_M]
+                acc += s[:, None] * block + (o - 128 * s)[:, None] * x_total[None, :]
         y_at = rm[None, :] * stride_ym + rn[:, None]  # y.T's [BLOCK_N, BLOCK_M] tile
         y_ok = n_ok[:, None] & m_ok[None, :]
-        ss = tl.sum(squares, axis=0)  # [BLOCK_M]
+        ss = tl.sum(squares, axis=1 if ONE_ROW else 0)  # [1] or [BLOCK_M]
         if SPLIT_K == 1:
             if PROLOGUE == 1:
                 acc = acc * tl.rsqrt(ss / K + eps)[None, :]
@@ -288,12 +305,13 @@ if triton is not None:
                 tl.store(y_ptr + y_at, total.to(y_ptr.dtype.element_ty), mask=y_ok)
 
     @triton.jit
-    def _int4_mma_half(block, x_sum, squares, words, s, o, x_rows, g_ptr, cols, K, HIGH: tl.constexpr,
+    def _int4_mma_half(block, x_sum, squares, words, s, o, x, x_rows, g_ptr, cols, K, HIGH: tl.constexpr,
                        SCALE: tl.constexpr, ASM: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-                       PROLOGUE: tl.constexpr):
-        """block += W_i x_i.T, x_sum += x_i.T (and squares += x_i.T^2 before the prologue) for values i = 0..3
-        (HIGH: 4..7) of the block's words (_int4_mma_kernel); x_i are x's columns cols + i (cols = 8t [WORDS, 1]).
-        SCALE: dequantize each weight first, u s + o, given s and o - 128 s (small groups)."""
+                       PROLOGUE: tl.constexpr, ONE_ROW: tl.constexpr):
+        """block += W_i x_i.T for values i = 0..3 (HIGH: 4..7) of the block's words (_int4_mma_kernel); x_i are x's
+        columns cols + i (cols = 8t [WORDS, 1]): ONE_ROW, split from x, the row's block [1, BLOCK_K]; otherwise
+        read from x_rows at each step, x_sum += x_i.T (and squares += x_i.T^2 before the prologue). SCALE:
+        dequantize each weight first, u s + o, given s and o - 128 s (small groups)."""
         dtype: tl.constexpr = x_rows.dtype.element_ty
         first: tl.constexpr = 4 if HIGH else 0
         if ASM:
@@ -301,28 +319,44 @@ if triton is not None:
         else:
             w_a, w_b = _int4_as_float(words, first, dtype), _int4_as_float(words, first + 1, dtype)
             w_c, w_d = _int4_as_float(words, first + 2, dtype), _int4_as_float(words, first + 3, dtype)
-        block, x_sum, squares = _int4_mma_step(block, x_sum, squares, w_a, s, o, x_rows, g_ptr, cols + first, K,
-                                               SCALE, DOT_PRECISION, EVEN_K, PROLOGUE)
-        block, x_sum, squares = _int4_mma_step(block, x_sum, squares, w_b, s, o, x_rows, g_ptr, cols + first + 1, K,
-                                               SCALE, DOT_PRECISION, EVEN_K, PROLOGUE)
-        block, x_sum, squares = _int4_mma_step(block, x_sum, squares, w_c, s, o, x_rows, g_ptr, cols + first + 2, K,
-                                               SCALE, DOT_PRECISION, EVEN_K, PROLOGUE)
-        block, x_sum, squares = _int4_mma_step(block, x_sum, squares, w_d, s, o, x_rows, g_ptr, cols + first + 3, K,
-                                               SCALE, DOT_PRECISION, EVEN_K, PROLOGUE)
+        x_a, x_b, x_c, x_d = x, x, x, x  # (read at each step unless ONE_ROW)
+        if ONE_ROW:  # column 8t + 4e + 2d + c: split off e (the half), then c, then d
+            x = tl.permute(tl.reshape(x, (1, x.shape[1] // 8, 2, 2, 2)), (0, 1, 3, 4, 2))  # [1, WORDS, d, c, e]
+            x_low, x_high = tl.split(x)
+            if HIGH:
+                x_c0, x_c1 = tl.split(x_high)  # [1, WORDS, d]
+            else:
+                x_c0, x_c1 = tl.split(x_low)
+            x_a, x_c = tl.split(x_c0)  # [1, WORDS]
+            x_b, x_d = tl.split(x_c1)
+        block, x_sum, squares = _int4_mma_step(block, x_sum, squares, w_a, s, o, x_a, x_rows, g_ptr, cols + first, K,
+                                               SCALE, DOT_PRECISION, EVEN_K, PROLOGUE, ONE_ROW)
+        block, x_sum, squares = _int4_mma_step(block, x_sum, squares, w_b, s, o, x_b, x_rows, g_ptr, cols + first + 1,
+                                               K, SCALE, DOT_PRECISION, EVEN_K, PROLOGUE, ONE_ROW)
+        block, x_sum, squares = _int4_mma_step(block, x_sum, squares, w_c, s, o, x_c, x_rows, g_ptr, cols + first + 2,
+                                               K, SCALE, DOT_PRECISION, EVEN_K, PROLOGUE, ONE_ROW)
+        block, x_sum, squares = _int4_mma_step(block, x_sum, squares, w_d, s, o, x_d, x_rows, g_ptr, cols + first + 3,
+                                               K, SCALE, DOT_PRECISION, EVEN_K, PROLOGUE, ONE_ROW)
         return block, x_sum, squares
 
     @triton.jit
-    def _int4_mma_step(block, x_sum, squares, w_i, s, o, x_rows, g_ptr, cols, K, SCALE: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, PROLOGUE: tl.constexpr):
-        """One value position's product: block += W_i x_i.T for x's columns cols [WORDS, 1] (_load_x: the prologue
-        in float32, rounded back to x's dtype for the MMA)."""
+    def _int4_mma_step(block, x_sum, squares, w_i, s, o, x_i, x_rows, g_ptr, cols, K, SCALE: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, PROLOGUE: tl.constexpr,
+                       ONE_ROW: tl.constexpr):
+        """One value position's product: block += W_i x_i.T, x_i given [1, WORDS] (ONE_ROW: broadcast to the MMA's
+        columns) or read at x's columns cols [WORDS, 1] (_load_x: the prologue in float32, rounded back to x's
+        dtype for the MMA)."""
         if SCALE:
             w_i = (w_i.to(tl.float32) * s + o).to(w_i.dtype)
-        x_i, sq = _load_x(x_rows, g_ptr, cols, K, EVEN_K, PROLOGUE)  # [WORDS, BLOCK_M] float32
-        x_i = x_i.to(x_rows.dtype.element_ty)
-        if PROLOGUE == 1:
-            squares += sq
-        return tl.dot(w_i, x_i, block, input_precision=DOT_PRECISION), x_sum + x_i.to(tl.float32), squares
+        if ONE_ROW:
+            x_i = tl.broadcast_to(tl.trans(x_i), (x_i.shape[1], block.shape[1]))  # [WORDS, BLOCK_M]
+        else:
+            x_i, sq = _load_x(x_rows, g_ptr, cols, K, EVEN_K, PROLOGUE)  # [WORDS, BLOCK_M] float32
+            x_i = x_i.to(x_rows.dtype.element_ty)
+            if PROLOGUE == 1:
+                squares += sq
+            x_sum += x_i.to(tl.float32)
+        return tl.dot(w_i, x_i, block, input_precision=DOT_PRECISION), x_sum, squares
 
     @triton.jit
     def _decode_attention_kernel(qkv_ptr, rope_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, y_ptr, part_ptr, ml_ptr,
@@ -521,7 +555,7 @@ def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, grou
         x, x if norm_weight is None else norm_weight, w, scales, offsets, y if residual is None else residual, y,
         part, ss, y if split == 1 else counters, m, n, k, w.shape[1], x.stride(0), w.stride(0), scales.stride(0),
         y.stride(0), triton.cdiv(blocks, split) * config["BLOCK_K"], eps, GROUP=group_size, SPLIT_K=split,
-        RESIDUAL=residual is not None, ASM=asm, EVEN_K=k % config["BLOCK_K"] == 0, PROLOGUE=PROLOGUES[prologue],
+        RESIDUAL=residual is not None, ASM=asm, EVEN_K=k % config["BLOCK_K"] == 0, PROLOGUE=PROLOGUES[prologue], ONE_ROW=m == 1,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32: exact products, not TF32's
         **config)
     return y
@@ -596,8 +630,9 @@ def runs_gemv(linear: nn.Module) -> bool:
 
 def takes_prologue(linear: nn.Module) -> bool:
     """Whether `linear`'s GEMV also does the op in front of it (RMSNorm, SwiGLU): float and int8 weights. int4 takes
-    x as is: its GEMV measured slower with a prologue (BENCHMARKS.md); the tensor-core kernel, which now runs most
-    int4 decode matrices, takes the same prologues (int4_matmul) but has not been timed with them yet."""
+    x as is: both its kernels take the prologues (int4_matmul) but measured slower end to end with them than with
+    inductor's separate RMSNorm and SwiGLU kernels (BENCHMARKS.md: 369 against 405 tok/s with RMSNorm folded into
+    the tensor-core kernel, 2026-12-03)."""
     return runs_gemv(linear) and linear.weight.dtype != torch.uint8
 
 

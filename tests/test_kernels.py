@@ -222,13 +222,14 @@ def test_kernels_compile_for_hopper_with_the_types_inductor_passes():
             K=4096, BITS=bits, GROUP=128 if bits == 4 else 4096, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
             EVEN_K=True, PROLOGUE=prologue, SPLIT_K=split, RESIDUAL=True), config["num_warps"]))
     # the tensor-core int4 kernel, its nibbles unpacked by inline PTX (ASM): wgmma (4 warps) and mma.sync (2 warps,
-    # x padded to 8 rows) with each prologue
-    for split, prologue, block_m, warps in [(1, 0, 16, 4), (4, 0, 16, 4), (4, 1, 8, 2), (1, 1, 8, 2), (8, 2, 8, 2)]:
+    # x padded to 8 rows) with each prologue; one row (decode) with its block of x split by value position
+    for split, prologue, block_m, warps, one_row in [(1, 0, 16, 4, False), (4, 0, 16, 4, False), (4, 1, 8, 2, False),
+                                                     (8, 0, 8, 1, True), (1, 1, 8, 2, True), (8, 2, 8, 2, True)]:
         pointers = dict(w_ptr="*i32", part_ptr="*fp32", count_ptr="*i32" if split > 1 else "*bf16",
                         ss_ptr="*fp32" if prologue == 1 and split > 1 else "*bf16")
         launches.append(("_int4_mma_kernel", pointers, dict(
             GROUP=128, BLOCK_N=64, BLOCK_M=block_m, BLOCK_K=128, SPLIT_K=split, RESIDUAL=True, ASM=True,
-            DOT_PRECISION="tf32", EVEN_K=True, PROLOGUE=prologue), warps))
+            DOT_PRECISION="tf32", EVEN_K=True, PROLOGUE=prologue, ONE_ROW=one_row), warps))
     config = attention_config(216)
     for splits in (1, 14):
         f32 = "*fp32" if splits > 1 else "*bf16"
