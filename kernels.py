@@ -498,9 +498,10 @@ def int4_config(m: int, n: int, k: int, group_size: int) -> dict:
     """Block sizes, split-K and warps for int4_matmul, from H200 sweeps (BENCHMARKS.md, 2026-12-03 third session;
     scripts/bench.py --int4_sweep --quant_m 1 --quant_m 6 repeats them). One row (decode): the tensor-core kernel
     on mma.sync (1-2 warps, x padded to 8 rows), 3-6% faster than the GEMV (gemv_config) except on square
-    matrices (wo). Up to 16 rows (a speculative verify): 16 rows of x a program, 2 warps, split-K so that
-    there are enough programs (the whole row block's partials then meet in one program). Prefill: 64 rows a
-    program on 4 warps (wgmma)."""
+    matrices (wo); swept before its ONE_ROW path (x read once), which moved the one-row kernel 15% end to end, so
+    the one-row choices (the GEMV for wo among them) wait on a new sweep. Up to 16 rows (a speculative verify):
+    16 rows of x a program, 2 warps, split-K so that there are enough programs (the whole row block's partials
+    then meet in one program). Prefill: 64 rows a program on 4 warps (wgmma)."""
     if m == 1:
         if n <= 8192 and k <= 8192:
             return gemv_config(4, n, k, group_size)
@@ -555,7 +556,8 @@ def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, grou
         x, x if norm_weight is None else norm_weight, w, scales, offsets, y if residual is None else residual, y,
         part, ss, y if split == 1 else counters, m, n, k, w.shape[1], x.stride(0), w.stride(0), scales.stride(0),
         y.stride(0), triton.cdiv(blocks, split) * config["BLOCK_K"], eps, GROUP=group_size, SPLIT_K=split,
-        RESIDUAL=residual is not None, ASM=asm, EVEN_K=k % config["BLOCK_K"] == 0, PROLOGUE=PROLOGUES[prologue], ONE_ROW=m == 1,
+        RESIDUAL=residual is not None, ASM=asm, EVEN_K=k % config["BLOCK_K"] == 0, PROLOGUE=PROLOGUES[prologue],
+        ONE_ROW=m == 1,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32: exact products, not TF32's
         **config)
     return y

@@ -72,7 +72,8 @@ def test_gemv_with_a_fused_prologue_and_residual_matches_pytorch(bits, prologue,
 
 
 @pytest.mark.parametrize("prologue", ["rmsnorm", "swiglu"])
-@pytest.mark.parametrize("m,k,split,block_m", [(1, 1024, 3, 8), (5, 1000, 1, 16), (5, 1000, 2, 16)])
+@pytest.mark.parametrize("m,k,split,block_m", [(1, 1024, 3, 8), (1, 1000, 2, 8), (5, 1000, 1, 16),
+                                                 (5, 1000, 2, 16)])
 def test_int4_tensor_core_kernel_with_a_fused_prologue_matches_pytorch(prologue, m, k, split, block_m):
     # the prologue on each x tile; rmsnorm's sums of squares are split like the products and meet in the last
     # program of a row block; padded rows of x (m < block_m) read a real row and must not disturb the others

@@ -149,13 +149,15 @@ def test_int4_decode_kernel_block_sizes_and_split_k(block_k, split_k):
 
 
 @pytest.mark.parametrize("m,group_size,split_k,block_n,block_m", [(1, 128, 4, 16, 16), (1, 128, 4, 32, 8),
+                                                                  (1, 32, 2, 32, 8),
                                                                   (6, 128, 4, 64, 16),
                                                                   (16, 256, 3, 64, 16),
                                                                   (3, 64, 2, 64, 16), (20, 128, 4, 64, 16),
                                                                   (40, 128, 1, 128, 64)])
 def test_int4_tensor_core_kernel_splits_k_and_adds_the_residual(m, group_size, split_k, block_n, block_m):
     # one row (decode: a config with BLOCK_M takes this kernel; x padded to 16 or to 8 rows, with K a multiple of
-    # the block, no masks along K) or several (a k + 1 verify): split-K partials meet in the last program of a row
+    # the block, no masks along K; x's block read once and split by value position, groups of 32 dequantized
+    # weight by weight) or several (a k + 1 verify): split-K partials meet in the last program of a row
     # block, which adds the residual and leaves the arrival counters at zero; 20 rows span two row blocks, where
     # split-K is not used; 40 rows in the prefill config for wide matrices (more rows a program than the matrix has)
     g = torch.Generator().manual_seed(m)
