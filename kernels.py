@@ -52,7 +52,8 @@ if triton is not None:
     def _gemv_kernel(x_ptr, g_ptr, w_ptr, s_ptr, o_ptr, r_ptr, y_ptr, part_ptr, ss_ptr, count_ptr, N,
                      K: tl.constexpr, row_words, stride_wn, stride_sn, k_per_split, eps, BITS: tl.constexpr,
                      GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     PROLOGUE: tl.constexpr, SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr):
+                     PROLOGUE: tl.constexpr, SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr,
+                     ASM: tl.constexpr):
         """y[N] = W @ prologue(x) for one row x (decode), RESIDUAL: y = r + W @ prologue(x), the residual stream's
         add done before the one rounding to y's dtype. BITS = 0: float weights [N, K]. BITS = 4: int4 with a scale
         and offset per GROUP columns (BLOCK_K <= GROUP, so a block lies in one group). BITS = 8: signed int8 with
@@ -69,7 +70,9 @@ if triton is not None:
         BITS * i. Moving a value u to the top mantissa bits (22 down) and or-ing in the exponent of 1.0 gives
         f = 1 + u / 2^BITS with two integer ops, no int-to-float conversion (a slow instruction). Then u * s + o
         = f * (2^BITS s) + (o - 2^BITS s), so a group adds 2^BITS s * sum(x f) + (o - 2^BITS s) * sum(x): one
-        multiply-add per weight, the scales applied once per group. int8 stores b = u - 128."""
+        multiply-add per weight, the scales applied once per group. int8 stores b = u - 128; with ASM (NVIDIA GPUs)
+        its bytes become f = 1 + u / 2^15 by one PRMT each (_int8_as_float_asm): 35% fewer instructions a loop
+        iteration than the shift and LOP3 (sm_90 SASS, 16 rows x 512 columns on 4 warps)."""
         pid_n, split = tl.program_id(0), tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
@@ -111,16 +114,21 @@ if triton is not None:
                                     mask=n_ok[:, None] & (t < row_words)[None, :], other=0)  # [BN, WORDS]
                 if BITS == 8:
                     words = words ^ -0x7F7F7F80  # 0x80808080 as int32: signed bytes b -> unsigned u = b + 128
+                    if ASM:  # f = 1 + u / 2^15, one PRMT a value
+                        f8 = _int8_as_float_asm(words)
                 if BITS == 4:  # a group's sums: x f, and x for the offset term
                     xf = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
                     x_sum = tl.zeros((WORDS,), dtype=tl.float32)
                 for i in tl.static_range(PER_WORD):
                     x, sq = _load_x(x_ptr, g_ptr, PER_WORD * t + i, K, EVEN_K, PROLOGUE)  # value i's columns
-                    if BITS * i <= 23 - BITS:
-                        bits = words << (23 - BITS - BITS * i)
+                    if BITS == 8 and ASM:
+                        f = f8[i]
                     else:
-                        bits = words >> (BITS * i - 23 + BITS)
-                    f = ((bits & MANTISSA) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + u / 2^BITS
+                        if BITS * i <= 23 - BITS:
+                            bits = words << (23 - BITS - BITS * i)
+                        else:
+                            bits = words >> (BITS * i - 23 + BITS)
+                        f = ((bits & MANTISSA) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + u / 2^BITS
                     xf += x[None, :] * f
                     x_sum += x
                     ss += sq
@@ -129,9 +137,10 @@ if triton is not None:
                     s = tl.load(s_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
                     o = tl.load(o_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
                     acc2 += xf * (16 * s)[:, None] + x_sum[None, :] * (o - 16 * s)[:, None]
-            if BITS == 8:  # one scale s per row: u * s - 128 s
+            if BITS == 8:  # one scale s per row: u * s - 128 s, u = UNIT (f - 1)
+                UNIT: tl.constexpr = 32768 if ASM else 256
                 s = tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-                acc = tl.sum(xf, axis=1) * (256 * s) + tl.sum(x_sum, axis=0) * (-128 * s - 256 * s)
+                acc = tl.sum(xf, axis=1) * (UNIT * s) + tl.sum(x_sum, axis=0) * (-128 * s - UNIT * s)
             else:
                 acc = tl.sum(acc2, axis=1)
         ss = tl.sum(ss, axis=0)
@@ -181,6 +190,22 @@ if triton is not None:
         else:
             bits = words >> (4 * i - 16)
         return ((bits & 0xF0000) | 0x43000000).to(tl.float32, bitcast=True).to(dtype)
+
+    @triton.jit
+    def _int8_as_float_asm(words):
+        """The four bytes u of each int32 word as float32 1 + u / 2^15, one PRMT each: the byte goes to the mantissa
+        bits 8..15 of 1.0 (0x3F800000), beside the constant's own bytes; a shift and a LOP3 would put it at bits
+        15..22 (_gemv_kernel's portable path). Exact; the products x f keep 16 bits of u's share."""
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 one;
+            mov.b32 one, 0x3F800000;
+            prmt.b32 $0, $4, one, 0x7604;
+            prmt.b32 $1, $4, one, 0x7614;
+            prmt.b32 $2, $4, one, 0x7624;
+            prmt.b32 $3, $4, one, 0x7634;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[words], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
 
     @triton.jit
     def _int4_as_bf16_asm(words, HIGH: tl.constexpr):
@@ -468,12 +493,14 @@ def gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, offsets: Op
     weight: float [N, K] (bits 0), int8 [N, K] (bits 8, scales [N]) or int4 packed uint8 [N, Kp/2] (bits 4,
     scales and offsets [N, Kp/group_size]). prologue: None, "rmsnorm" (norm_weight, eps) or "swiglu".
     counters: split-K's arrival counters, int32 zeros (the kernel leaves them zero), at least one per block of
-    rows; without them a split-K config zeroes fresh ones (a memset before the kernel)."""
+    rows; without them a split-K config zeroes fresh ones (a memset before the kernel). config: gemv_config's keys;
+    "ASM": False takes int8's portable unpacking."""
     x = x.contiguous()
     n = weight.shape[0]
     k = x.shape[1] // 2 if prologue == "swiglu" else x.shape[1]
     config = dict(config or gemv_config(bits, n, k, group_size or 128, prologue))
     split = config.pop("SPLIT_K", 1)
+    asm = config.pop("ASM", bits == 8 and x.is_cuda and torch.version.hip is None)  # PTX: NVIDIA's, not ROCm's
     w = weight if bits == 0 else weight.view(torch.int32)
     blocks, row_blocks = triton.cdiv(k, config["BLOCK_K"]), triton.cdiv(n, config["BLOCK_N"])
     k_per_split = triton.cdiv(blocks, split) * config["BLOCK_K"]
@@ -490,25 +517,26 @@ def gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, offsets: Op
         w if offsets is None else offsets, y if residual is None else residual, y, part, ss,
         y if split == 1 else counters, n, k, w.shape[1], w.stride(0), scale_stride, k_per_split, eps, BITS=bits,
         GROUP=group_size or 1, EVEN_K=k % config["BLOCK_K"] == 0, PROLOGUE=PROLOGUES[prologue], SPLIT_K=split,
-        RESIDUAL=residual is not None, **config)
+        RESIDUAL=residual is not None, ASM=asm, **config)
     return y
 
 
 def int4_config(m: int, n: int, k: int, group_size: int) -> dict:
-    """Block sizes, split-K and warps for int4_matmul, from H200 sweeps (BENCHMARKS.md, 2026-12-03 third session;
+    """Block sizes, split-K and warps for int4_matmul, from H200 sweeps (BENCHMARKS.md, 2026-12-03 fifth session;
     scripts/bench.py --int4_sweep --quant_m 1 --quant_m 6 repeats them). One row (decode): the tensor-core kernel
-    on mma.sync (1-2 warps, x padded to 8 rows), 3-6% faster than the GEMV (gemv_config) except on square
-    matrices (wo); swept before its ONE_ROW path (x read once), which moved the one-row kernel 15% end to end, so
-    the one-row choices (the GEMV for wo among them) wait on a new sweep. Up to 16 rows (a speculative verify):
-    16 rows of x a program, 2 warps, split-K so that there are enough programs (the whole row block's partials
-    then meet in one program). Prefill: 64 rows a program on 4 warps (wgmma)."""
+    on mma.sync (1-2 warps, x padded to 8 rows, x's block read once), 32 rows a program where the registers of 64
+    on one warp (190 a thread) would leave fewer programs an SM; it now beats the GEMV (gemv_config) on square
+    matrices too (wo: 1186 against 961 GB/s). Up to 16 rows (a speculative verify): 16 rows of x a program, 2
+    warps, split-K so that there are enough programs (the whole row block's partials then meet in one program).
+    Prefill: 64 rows a program on 4 warps (wgmma)."""
     if m == 1:
-        if n <= 8192 and k <= 8192:
-            return gemv_config(4, n, k, group_size)
-        if n <= 8192:
+        if n <= 8192:  # (wo, w2)
             return dict(BLOCK_N=32, BLOCK_M=8, BLOCK_K=128, SPLIT_K=8, num_warps=2, num_stages=3)
-        split = 8 if n <= 16384 else 4 if n <= 24576 else 2
-        return dict(BLOCK_N=64, BLOCK_M=8, BLOCK_K=128, SPLIT_K=split, num_warps=1 if split > 2 else 2, num_stages=3)
+        if n <= 16384:  # (wqkv)
+            return dict(BLOCK_N=32, BLOCK_M=8, BLOCK_K=128, SPLIT_K=4, num_warps=1, num_stages=3)
+        if n <= 24576:  # (w13)
+            return dict(BLOCK_N=64, BLOCK_M=8, BLOCK_K=128, SPLIT_K=4, num_warps=1, num_stages=3)
+        return dict(BLOCK_N=32, BLOCK_M=8, BLOCK_K=128, SPLIT_K=2, num_warps=1, num_stages=3)
     if m <= 16:
         if n <= 8192:  # (wo, w2)
             return dict(BLOCK_N=64, BLOCK_M=16, BLOCK_K=128, SPLIT_K=8, num_warps=2, num_stages=3)

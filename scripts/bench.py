@@ -319,7 +319,7 @@ def config_key(config: dict) -> str:
 
 def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: list, matrices: list):
     """GB/s of the int4 kernels over block sizes and warps, per Llama-2-7B matmul and row count m; the best
-    ones set kernels.gemv_config and int4_config."""
+    ones set kernels.int4_config."""
     counters = torch.zeros(max(n for _, n, _ in DECODE_MATMULS), dtype=torch.int32, device=device)
     with torch.no_grad():
         for name, n, k in (m for m in DECODE_MATMULS if m[0] in matrices):
@@ -335,8 +335,8 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
                     grid = [gemv_config(4, n, k, group_size)] + [
                         dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=128, SPLIT_K=sk, num_warps=w, num_stages=3)
                         for bn in (32, 64, 128) for bm in (8, 16) for w in (1, 2) for sk in (1, 2, 4, 8)]
-                    # registers bound the warps an SM holds (BENCHMARKS.md: ncu): 64 rows on 1 warp takes 255 and
-                    # spills; cap them, and vary the cp.async stages
+                    # registers bound the warps an SM holds (BENCHMARKS.md: ncu): cap them (maxnreg, which torch's
+                    # wrapper of user kernels in torch.compile does not pass on: to explore), and vary the stages
                     grid += [dict(BLOCK_N=64, BLOCK_M=8, BLOCK_K=128, SPLIT_K=sk, num_warps=1, num_stages=p, **r)
                              for sk in (4, 8) for p, r in [(3, dict(maxnreg=168)), (3, dict(maxnreg=128)),
                                                            (2, {}), (4, {})]]
@@ -368,30 +368,37 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
                 log(f"int4 sweep {name} m={m}: best {best[:3]}, default {default_key} "
                     f"{results.get(default_key) or 0:.0f} GB/s")
             del copies, tensors
-            if 1 in ms:  # the int8 decode kernel, same sweep
-                q8, s8 = quantize_int8(torch.randn(n, k, device=device, dtype=dtype))
-                nbytes = q8.numel() + s8.numel() * s8.element_size()
-                copies = [(q8, s8)] + [(q8.clone(), s8.clone()) for _ in range(weight_copies(nbytes, device) - 1)]
-                x, op = decode_op(name, n, k, device, dtype)  # with the op the decode step folds in
-                results = {}
-                grid = [dict(BLOCK_N=bn, BLOCK_K=512, SPLIT_K=sk, num_warps=w) for bn in (16, 32, 64)
-                        for sk in (1, 2, 4, 8) for w in (2, 4, 8)]
-                # more, smaller programs (wqkv's 768 programs fill 23 of an SM's 32 warps, BENCHMARKS.md: ncu), and
-                # longer blocks (more bytes in flight a warp)
-                grid += [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=w) for bn, bk in [(8, 512), (8, 1024),
-                                                                                            (16, 1024)]
-                         for sk in (1, 2, 4) for w in (4, 8)]
-                for config in grid:
-                    t_ms = graph_ms_per_call([lambda c=c: gemv(x, c[0], c[1], bits=8, config=config,
-                                                               counters=counters, **op)
-                                              for c in copies * 4], device, reps=10)
-                    results[config_key(config)] = nbytes / t_ms / 1e6
-                best = sorted(results.items(), key=lambda kv: -kv[1])[:5]
-                default_key = config_key(gemv_config(8, n, k, prologue=op.get("prologue")))
-                yield dict(kind="int4_sweep", format="int8", matmul=name, n=n, k=k, m=1, best=best,
-                           default=default_key, default_gb_s=results.get(default_key), all=results)
-                log(f"int8 sweep {name}: best {best[:3]}, default {default_key} {results.get(default_key) or 0:.0f} GB/s")
-                del copies
+
+
+def int8_sweep(device: torch.device, dtype: torch.dtype, matrices: list):
+    """GB/s of the int8 decode GEMV over block sizes, split-K and warps, per Llama-2-7B matmul, each with the op the
+    decode step folds into it; the best ones set kernels.gemv_config."""
+    counters = torch.zeros(max(n for _, n, _ in DECODE_MATMULS), dtype=torch.int32, device=device)
+    with torch.no_grad():
+        for name, n, k in (m for m in DECODE_MATMULS if m[0] in matrices):
+            q8, s8 = quantize_int8(torch.randn(n, k, device=device, dtype=dtype))
+            nbytes = q8.numel() + s8.numel() * s8.element_size()
+            copies = [(q8, s8)] + [(q8.clone(), s8.clone()) for _ in range(weight_copies(nbytes, device) - 1)]
+            x, op = decode_op(name, n, k, device, dtype)  # with the op the decode step folds in
+            results = {}
+            grid = [dict(BLOCK_N=bn, BLOCK_K=512, SPLIT_K=sk, num_warps=w) for bn in (16, 32, 64)
+                    for sk in (1, 2, 4, 8) for w in (2, 4, 8)]
+            # more, smaller programs (wqkv's 768 programs fill 23 of an SM's 32 warps, BENCHMARKS.md: ncu), and
+            # longer blocks (more bytes in flight a warp)
+            grid += [dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, num_warps=w) for bn, bk in [(8, 512), (8, 1024),
+                                                                                        (16, 1024)]
+                     for sk in (1, 2, 4) for w in (4, 8)]
+            for config in grid:
+                t_ms = graph_ms_per_call([lambda c=c: gemv(x, c[0], c[1], bits=8, config=config,
+                                                           counters=counters, **op)
+                                          for c in copies * 4], device, reps=10)
+                results[config_key(config)] = nbytes / t_ms / 1e6
+            best = sorted(results.items(), key=lambda kv: -kv[1])[:5]
+            default_key = config_key(gemv_config(8, n, k, prologue=op.get("prologue")))
+            yield dict(kind="int8_sweep", matmul=name, n=n, k=k, m=1, best=best,
+                       default=default_key, default_gb_s=results.get(default_key), all=results)
+            log(f"int8 sweep {name}: best {best[:3]}, default {default_key} {results.get(default_key) or 0:.0f} GB/s")
+            del copies
 
 
 def decode_op(name: str, n: int, k: int, device: torch.device, dtype: torch.dtype) -> tuple:
@@ -791,6 +798,11 @@ def main(a: argparse.Namespace):
             records.append(r)
             save(a.out, r, env)
         free_memory(device)
+    if a.int8_sweep:
+        for r in int8_sweep(device, DTYPES[a.precision], a.sweep_matrix):
+            records.append(r)
+            save(a.out, r, env)
+        free_memory(device)
     if a.allreduce_microbench:
         records.append(allreduce_microbench(device, DTYPES[a.precision]))
         save(a.out, records[-1], env)
@@ -834,8 +846,9 @@ def main(a: argparse.Namespace):
             print(f"quant {r['matmul']:<7} m={r['m']:<3}" + "".join(
                 f" | {f} {r[f + '_us']:.1f} us {r[f + '_gb_s']:.0f} GB/s" + (f" x{r[f + '_speedup']:.2f}" if f != "bf16" else "")
                 for f in ("bf16", "int8", "int4", "torch_int4pack") if f + "_us" in r))
-        if r["kind"] == "int4_sweep":
-            print(f"{r.get('format', 'int4')} sweep {r['matmul']} m={r['m']}: best " + ", ".join(f"{c} {v:.0f}" for c, v in r["best"][:3])
+        if r["kind"] in ("int4_sweep", "int8_sweep"):
+            print(f"{r['kind'][:4]} sweep {r['matmul']} m={r['m']}: best "
+                  + ", ".join(f"{c} {v:.0f}" for c, v in r["best"][:3])
                   + f" GB/s; default {r['default']} {r['default_gb_s'] or 0:.0f} GB/s")
         if r["kind"] == "mlp_microbench":
             print(f"mlp {r['shape']} {r['dtype']}: fused {r['fused_us']:.1f} us ({r['fused_gb_s']:.1f} GB/s), "
@@ -902,8 +915,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--attention_microbench", action="store_true", help="decode attention per SDPA backend")
     p.add_argument("--gemv_sweep", action="store_true", help="sweep the float decode GEMV's block sizes")
     p.add_argument("--int4_sweep", action="store_true", help="sweep the int4 decode kernel's block sizes")
+    p.add_argument("--int8_sweep", action="store_true", help="sweep the int8 decode GEMV's block sizes")
     p.add_argument("--sweep_matrix", action="append", choices=[m[0] for m in DECODE_MATMULS], default=None,
-                   help="with --gemv_sweep / --int4_sweep: only these Llama-2-7B matrices (default: all)")
+                   help="with --gemv_sweep / --int4_sweep / --int8_sweep: only these Llama-2-7B matrices "
+                   "(default: all)")
     p.add_argument("--profile", action="store_true", help="print the decode step's kernels by device time")
     p.add_argument("--decode_kernels", action="append", choices=["on", "off"],
                    help="kernels.py's decode layer (CUDA) or inductor's kernels (off); repeat to compare (default: on)")
@@ -960,15 +975,15 @@ if __name__ == "__main__":
         fail(f"--device {cli.device!r}: only cuda and cpu are supported")
     if dev.type == "cuda" and not torch.cuda.is_available():
         fail("--device cuda but torch.cuda.is_available() is False (no GPU, or a CPU-only torch)")
-    if dev.type == "cpu" and (cli.quant_microbench or cli.int4_sweep or cli.gemv_sweep):
-        fail("--quant_microbench, --int4_sweep and --gemv_sweep time Triton kernels and need --device cuda")
+    if dev.type == "cpu" and (cli.quant_microbench or cli.int4_sweep or cli.int8_sweep or cli.gemv_sweep):
+        fail("--quant_microbench, --int4_sweep, --int8_sweep and --gemv_sweep time Triton kernels: use --device cuda")
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         fail(f"--device {cli.device}: only {torch.cuda.device_count()} GPU(s) visible")
     cli.rank, cli.world_size, _ = env_world()
     if cli.allreduce_microbench and (cli.world_size == 1 or dev.type != "cuda"):
         fail("--allreduce_microbench times NCCL and symmetric memory: run it under torchrun on CUDA")
     if cli.world_size > 1 and (cli.draft or cli.matmul_microbench or cli.quant_microbench or cli.int4_sweep
-                               or cli.mlp_microbench):
+                               or cli.int8_sweep or cli.mlp_microbench):
         fail("under torchrun only model decode speed is measured; run --draft and the microbenchmarks without it")
     for model_name in cli.model:
         for scheme in cli.quantize or ["none"]:

@@ -211,7 +211,7 @@ def test_kernels_compile_for_hopper_with_the_types_inductor_passes():
     # run once failed there (inductor passes a float64 eps, which met a float32 accumulator) with every CPU test
     # passing. So compile each kind of launch for sm_90 (PTX; no GPU needed): pointers bf16 where not named,
     # integers int32, eps float64. One-launch split-K must arrive by one gpu-scope acq_rel atomic and read the
-    # partials from L2 (.cg); a launch without splits must do neither.
+    # partials from L2 (.cg); a launch without splits must do neither. int8 takes its inline PTX unpacking (ASM).
     pytest.importorskip("triton.backends.nvidia")
     launches = []
     for bits, split, prologue in [(0, 1, 1), (0, 2, 1), (0, 1, 2), (8, 4, 1), (8, 1, 0), (4, 8, 0)]:
@@ -221,7 +221,7 @@ def test_kernels_compile_for_hopper_with_the_types_inductor_passes():
                         count_ptr="*i32" if split > 1 else "*bf16")
         launches.append(("_gemv_kernel", pointers, dict(
             K=4096, BITS=bits, GROUP=128 if bits == 4 else 4096, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-            EVEN_K=True, PROLOGUE=prologue, SPLIT_K=split, RESIDUAL=True), config["num_warps"]))
+            EVEN_K=True, PROLOGUE=prologue, SPLIT_K=split, RESIDUAL=True, ASM=bits == 8), config["num_warps"]))
     # the tensor-core int4 kernel, its nibbles unpacked by inline PTX (ASM): wgmma (4 warps) and mma.sync (2 warps,
     # x padded to 8 rows) with each prologue; one row (decode) with its block of x split by value position
     for split, prologue, block_m, warps, one_row in [(1, 0, 16, 4, False), (4, 0, 16, 4, False), (4, 1, 8, 2, False),
