@@ -11,8 +11,8 @@ kernels, not a dozen:
 _decode_attention_kernel does the rest of attention for one token: RoPE, the KV cache write, split-KV softmax.
 fuse_decode(model) swaps each TransformerBlock for a DecodeBlock and the final norm + output head for a
 DecodeLinear, in place, after loading. With more than one token (prefill, speculative verify) or off CUDA, the
-model's own modules run, unchanged. _int4_mma_kernel multiplies rows by int4 weights on tensor cores: one row (most
-int4 decode matrices), the k + 1 rows of a speculative verify, a prefill.
+model's own modules run, unchanged. _int4_mma_kernel multiplies rows by int4 weights on tensor cores: one row (int4
+decode: int4_config picks it for every Llama-2-7B matrix), the k + 1 rows of a speculative verify, a prefill.
 """
 from typing import Optional
 
@@ -470,14 +470,14 @@ if triton is not None:
 
 def gemv_config(bits: int, n: int, k: int, group_size: int = 128, prologue: Optional[str] = None) -> dict:
     """Block sizes, split-K and warps of _gemv_kernel per weight format, shape and prologue; tuned on an H200 with
-    scripts/bench.py --gemv_sweep --int4_sweep, each matrix with the op the decode step folds into it
+    scripts/bench.py --gemv_sweep --int4_sweep --int8_sweep, each matrix with the op the decode step folds into it
     (BENCHMARKS.md). Split-K pays where N is small (wo, w2: more programs, more loads in flight)."""
     if bits == 4:
         return dict(BLOCK_N=32, BLOCK_K=min(group_size, 128), SPLIT_K=8, num_warps=2 if n <= 8192 else 1)
     if bits == 8:
         if n <= 8192:
             return dict(BLOCK_N=32, BLOCK_K=512, SPLIT_K=4, num_warps=4)
-        return dict(BLOCK_N=16, BLOCK_K=512, SPLIT_K=1, num_warps=4)
+        return dict(BLOCK_N=16 if n <= 24576 else 32, BLOCK_K=512, SPLIT_K=1, num_warps=4)
     if prologue == "rmsnorm":  # (wqkv, w13, the head) 8 rows a program share the work on x: 8-12% over 4 rows
         return dict(BLOCK_N=8, BLOCK_K=1024, SPLIT_K=1, num_warps=4, num_stages=2)
     if k > 8192:  # (w2, after SwiGLU)
