@@ -17,7 +17,10 @@ greedy from the same prompt, alternating run by run: the draft is the target's o
 quantize.py scheme ('self-int8'; each scheme in quantize.SCHEMES is offered as self-SCHEME), the target's
 weights as they are ('self': every draft accepted, a bound), or another shape with random weights and the
 target's vocabulary (which accepts almost nothing). Random weights make acceptance a property of the
-quantization error, not of text; report it next to the speedup.
+quantization error, not of text; report it next to the speedup. --agreement makes the weights predictable
+(make_predictable) so that drafts are accepted at a chosen rate, e.g. a bf16 target with its int4 self:
+
+    python scripts/bench.py --model llama-2-7b --draft self-int4 --agreement 1 --speculate_k 4
 """
 import argparse
 import contextlib
@@ -649,15 +652,19 @@ def bench_speculative(name: str, a: argparse.Namespace, device: torch.device, qu
     """Greedy decode tok/s of the target alone and of speculative decoding with a.draft, in alternating runs from
     one prompt; the draft alone too, so the cost of a draft step relative to a target step is on record. With
     a.agreement (a named-shape draft): one record per value, the models' weights made predictable
-    (make_predictable) with the draft agreeing with the target on that fraction of the vocabulary."""
+    (make_predictable) with the draft agreeing with the target on that fraction of the vocabulary. A self draft
+    takes only agreement 1: the target is made predictable and the draft built from it, so it agrees as far as
+    its quantization lets it (the acceptance measured says how far)."""
     args, dtype, k = ModelArgs(**MODELS[name]), DTYPES[a.precision], a.speculate_k
     target = build_model(args, device, dtype, quantization)
-    draft = build_draft(a.draft, target, device, dtype, a.groupsize)
-    draft_output = None
+    self_draft = a.draft.startswith("self")
     if a.agreement:
         generator = torch.Generator().manual_seed(5)
         successor = torch.randperm(args.vocab_size, generator=generator).to(device)
         make_predictable(target, successor)
+    draft = build_draft(a.draft, target, device, dtype, a.groupsize)
+    draft_output = None
+    if a.agreement and not self_draft:
         make_predictable(draft, successor)
         draft_output = draft.output.weight  # rewritten in place per agreement: captured graphs keep its address
     if a.decode_kernels[0] == "on":
@@ -674,7 +681,7 @@ def bench_speculative(name: str, a: argparse.Namespace, device: torch.device, qu
     prompt = torch.randint(0, args.vocab_size, (1, a.prompt_len), device=device)
     records = []
     for agreement in a.agreement or [None]:
-        if agreement is not None:
+        if draft_output is not None:
             with torch.no_grad():
                 draft_output.index_copy_(0, disagreeing_successor(successor, agreement, generator),
                                          draft.tok_embeddings.weight)
@@ -931,7 +938,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--speculate_k", type=int, default=5, help="with --draft: tokens drafted per target step")
     p.add_argument("--agreement", type=float, action="append", metavar="A",
                    help="with a named-shape --draft: predictable synthetic weights (make_predictable) on which the "
-                        "draft's greedy token equals the target's on a fraction A of the vocabulary; repeat to sweep")
+                        "draft's greedy token equals the target's on a fraction A of the vocabulary; repeat to sweep. "
+                        "With a self draft only 1: the draft is built from the predictable target")
     p.add_argument("--allreduce", action="append", choices=["symm", "nccl"],
                    help="under torchrun: decode all-reduces one-shot over symmetric memory where the GPUs allow "
                         "(symm, the default, as generate.py does) or through NCCL; repeat to compare")
@@ -948,9 +956,12 @@ def parse_args() -> argparse.Namespace:
         p.error("need --prompt_len >= 1, --max_new_tokens >= 2, --runs >= 1 and --batch_size >= 1")
     if a.draft and (a.batch_size != 1 or a.speculate_k < 1):
         p.error("--draft needs --batch_size 1 and --speculate_k >= 1")
-    if a.agreement and (not a.draft or a.draft.startswith("self") or any(q != "none" for q in a.quantize or [])
+    if a.agreement and (not a.draft or any(q != "none" for q in a.quantize or [])
                         or not all(0 <= x <= 1 for x in a.agreement)):
-        p.error("--agreement A (0 <= A <= 1) needs a named-shape --draft and float weights (no --quantize)")
+        p.error("--agreement A (0 <= A <= 1) needs a --draft and float weights (no --quantize)")
+    if a.agreement and a.draft.startswith("self") and a.agreement != [1.0]:
+        p.error("a self draft is built from the target, so only --agreement 1 applies to it (it agrees as far as "
+                "its quantization lets it)")
     if a.draft and a.draft.startswith("self") and any(q != "none" for q in a.quantize or []):
         p.error("--draft self/self-SCHEME builds the draft from a float target: leave out --quantize")
     for name in a.model:

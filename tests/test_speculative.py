@@ -335,3 +335,22 @@ def test_bench_agreement_sets_how_often_a_random_draft_is_accepted(agreement):
     assert rows[0] == chain[1:]  # the target follows the permutation
     # one draft per round: its acceptance rate estimates the agreement (about 75 rounds at 0.5)
     assert stats["acceptance_by_position"][0] == pytest.approx(agreement, abs=0.15)
+
+
+def test_bench_int4_self_draft_of_a_predictable_target_is_accepted():
+    # bench.py --draft self-int4 --agreement 1: the draft is the predictable target quantized to int4, whose
+    # rounding must not move the greedy chain, so every draft is accepted (the bf16 target + int4 self)
+    from bench import MODELS, build_draft, build_model, make_predictable
+
+    cpu, generator = torch.device("cpu"), torch.Generator().manual_seed(1)
+    args = ModelArgs(**MODELS["tiny"])
+    successor = torch.randperm(args.vocab_size, generator=generator)
+    target = make_predictable(build_model(args, cpu, torch.float32, "none"), successor)
+    draft = build_draft("self-int4", target, cpu, torch.float32, 32)
+    assert draft.output.weight.dtype == torch.uint8  # int4-packed: the head is quantized too
+    for model in (target, draft):
+        model.setup_caches(1, 64)
+    prompt = torch.randint(0, args.vocab_size, (1, 4), generator=generator)
+    rows, stats = speculative_generate(target, draft, prompt, 40, speculate_k=3)
+    assert rows == generate(target, prompt, 40)
+    assert stats["acceptance_by_position"] == [1.0, 1.0, 1.0]
