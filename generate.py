@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from model import CheckpointError, ModelArgs, Transformer, UserError, load_checkpoint
-from kernels import fuse_decode
+from decode_kernels import fuse_decode
 from quantize import swap_linears
 from tokenizer import TokenizerError, load_tokenizer
 from tp import (apply_tp, check_tp, env_world, init_distributed, rank0_output, shard_or_whole,
@@ -36,7 +36,7 @@ def load_model(checkpoint_path, device, precision=torch.bfloat16, checkpoint: Op
     `checkpoint`: the already-opened load_checkpoint(checkpoint_path), to avoid opening it twice.
     world_size > 1: only this rank's tensor-parallel shard is read and kept (tp.apply_tp; the process group must
     be initialised, tp.init_distributed).
-    decode_kernels: on CUDA, the one-token step runs kernels.py's decode layer (kernels.fuse_decode)."""
+    decode_kernels: on CUDA, the one-token step runs decode_kernels.py's decode layer (decode_kernels.fuse_decode)."""
     ckpt = checkpoint if checkpoint is not None else load_checkpoint(checkpoint_path)
     args = ModelArgs.from_dict(ckpt["model_args"])
     with torch.device("meta"):

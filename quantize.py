@@ -13,8 +13,8 @@ byte per weight instead of 2.
 int4: each row is cut into groups of `group_size` input columns (32, 64, 128 or 256); a group's weights map
 to 16 levels between its minimum and maximum, w ~= q * scale + offset with q in 0..15 (asymmetric: the
 offset is the group minimum; tests/test_quantize.py measures that this loses less than a symmetric grid).
-On CUDA the layer runs int4_matmul, a Triton kernel in kernels.py; elsewhere it dequantizes in PyTorch, which is also
-the kernel's test oracle.
+On CUDA the layer runs int4_matmul, a Triton kernel in decode_kernels.py; elsewhere it dequantizes in PyTorch, which
+is also the kernel's test oracle.
 
 Layouts (portable: plain tensors, the same checkpoint loads on any device; tensor parallelism shards them):
 - Int8Linear.weight: int8 [out_features, in_features], the float weight's shape; .scales: [out_features].
@@ -37,7 +37,7 @@ from torch import Tensor
 
 from model import CheckpointError, UserError, load_checkpoint, save_checkpoint
 
-from kernels import int4_matmul, int8_gemv, triton
+from decode_kernels import int4_matmul, int8_gemv, triton
 
 SCHEMES = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -65,7 +65,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.is_cuda and triton is not None and x.numel() == x.shape[-1] and self.in_features % 4 == 0:
-            # decode: our GEMV (kernels.py) reads the int8 bytes once; inductor's fused dequant-matmul is slower
+            # decode: our GEMV (decode_kernels.py) reads the int8 bytes once; inductor's fused dequant-matmul is slower
             y = int8_gemv(x.reshape(1, -1), self.weight, self.scales).view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales

@@ -46,7 +46,8 @@ from generate import (DTYPES, compile_fns, generate, kv_cache_bytes, peak_memory
                       weight_bytes_per_token)
 from speculative import acceptance_stats, compile_speculative_round, format_stats, speculative_generate  # noqa: E402
 from model import FeedForward, ModelArgs, Transformer, causal_mask  # noqa: E402
-from kernels import decode_attention, fuse_decode, gemv, gemv_config, int4_config, int4_matmul, int8_gemv  # noqa: E402
+from decode_kernels import (decode_attention, fuse_decode, gemv, gemv_config, int4_config, int4_matmul,  # noqa: E402
+                            int8_gemv)
 from quantize import (INT4_GROUP_SIZES, SCHEMES, Int4Linear, Int8Linear, make_scheme, quantizable_linears,  # noqa: E402
                       quantize_int4, quantize_int8, quantize_state_dict, swap_linears)
 from tp import (apply_tp, env_world, init_distributed, rank0_output, shutdown_distributed, tp_problem,  # noqa: E402
@@ -322,7 +323,7 @@ def config_key(config: dict) -> str:
 
 def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: list, matrices: list):
     """GB/s of the int4 kernels over block sizes and warps, per Llama-2-7B matmul and row count m; the best
-    ones set kernels.int4_config."""
+    ones set decode_kernels.int4_config."""
     counters = torch.zeros(max(n for _, n, _ in DECODE_MATMULS), dtype=torch.int32, device=device)
     with torch.no_grad():
         for name, n, k in (m for m in DECODE_MATMULS if m[0] in matrices):
@@ -331,7 +332,7 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
             copies = [tensors] + [tuple(t.clone() for t in tensors) for _ in range(weight_copies(nbytes, device) - 1)]
             for m in ms:
                 x, op = torch.randn(m, k, device=device, dtype=dtype), {}
-                if m == 1:  # as the decode step runs int4 (kernels.takes_prologue): the residual add, no prologue
+                if m == 1:  # as decode runs int4 (decode_kernels.takes_prologue): the residual add, no prologue
                     op = dict(residual=torch.randn(1, n, device=device, dtype=dtype)) if name in ("wo", "w2") else {}
                     # the GEMV (its default: earlier sweeps' best, BENCHMARKS.md) against the tensor-core kernel
                     # on 1 or 2 warps (mma.sync, the weights' words through shared memory, unpacked in registers)
@@ -375,7 +376,7 @@ def int4_sweep(device: torch.device, dtype: torch.dtype, group_size: int, ms: li
 
 def int8_sweep(device: torch.device, dtype: torch.dtype, matrices: list):
     """GB/s of the int8 decode GEMV over block sizes, split-K and warps, per Llama-2-7B matmul, each with the op the
-    decode step folds into it; the best ones set kernels.gemv_config."""
+    decode step folds into it; the best ones set decode_kernels.gemv_config."""
     counters = torch.zeros(max(n for _, n, _ in DECODE_MATMULS), dtype=torch.int32, device=device)
     with torch.no_grad():
         for name, n, k in (m for m in DECODE_MATMULS if m[0] in matrices):
@@ -415,7 +416,7 @@ def decode_op(name: str, n: int, k: int, device: torch.device, dtype: torch.dtyp
 
 
 def float_gemv_sweep(device: torch.device, dtype: torch.dtype, matrices: list):
-    """GB/s of kernels.py's GEMV on float weights over block sizes, split-K and warps, per Llama-2-7B matmul with
+    """GB/s of decode_kernels.py's GEMV on float weights over block sizes, split-K and warps, per Llama-2-7B matmul with
     the op the decode step folds into it (decode_op), against the default config without that op and cuBLAS."""
     counters = torch.zeros(max(n for _, n, _ in DECODE_MATMULS), dtype=torch.int32, device=device)
     with torch.no_grad():
@@ -479,7 +480,7 @@ def attention_microbench(device: torch.device, dtype: torch.dtype, seq: int = 21
             enable(on)
         inductor_config.fx_graph_cache = cache_setting
         torch._dynamo.reset()
-    # ours (kernels.decode_attention: RoPE, the cache write and attention from the wqkv output) at a few configs
+    # ours (decode_kernels.decode_attention: RoPE, the cache write and attention from the wqkv output) at a few configs
     qkv = torch.randn(1, 96 * 128, device=device, dtype=dtype)
     rope = torch.randn(1, 64, 2, device=device)
     pos = torch.tensor([seq // 2], device=device)
@@ -928,7 +929,8 @@ def parse_args() -> argparse.Namespace:
                    "(default: all)")
     p.add_argument("--profile", action="store_true", help="print the decode step's kernels by device time")
     p.add_argument("--decode_kernels", action="append", choices=["on", "off"],
-                   help="kernels.py's decode layer (CUDA) or inductor's kernels (off); repeat to compare (default: on)")
+                   help="decode_kernels.py's decode layer (CUDA) or inductor's kernels (off); repeat to compare "
+                        "(default: on)")
     p.add_argument("--sdpa", choices=["default", "cudnn", "efficient", "math"], default="default",
                    help="allow only this scaled_dot_product_attention backend (default: torch's choice)")
     p.add_argument("--max_autotune", action="store_true", help="inductor autotunes each matmul (max_autotune_gemm)")

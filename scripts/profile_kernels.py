@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import _int4_mma_kernel, gemv, int4_matmul  # noqa: E402,F401
+from decode_kernels import _int4_mma_kernel, gemv, int4_matmul  # noqa: E402,F401
 from quantize import quantize_int4, quantize_int8  # noqa: E402
 
 

@@ -55,7 +55,7 @@ MMA_AT_ONE_ROW = [dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=128, SPLIT_K=4, num_warps
 @pytest.mark.parametrize("m,config", [(1, None), (2, None), (6, None), (16, None), (17, None), (64, None)]
                          + [(1, c) for c in MMA_AT_ONE_ROW])
 def test_int4_kernel_in_bfloat16_on_cuda_is_close_to_float32_reference(m, config, group_size):
-    from kernels import int4_matmul
+    from decode_kernels import int4_matmul
     from quantize import dequantize_int4, quantize_int4
 
     g = torch.Generator().manual_seed(m)

@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT
 from generate import load_model
-from kernels import int4_matmul, int8_gemv
+from decode_kernels import int4_matmul, int8_gemv
 from quantize import (INT4_GROUP_SIZES, Int4Linear, Int8Linear, dequantize_int4, quantize_checkpoint, quantize_int4,
                       quantize_int8)
 

@@ -17,7 +17,7 @@ import torch
 from conftest import ROOT
 
 from generate import generate, load_model
-from kernels import DecodeBlock, DecodeLinear, fuse_decode
+from decode_kernels import DecodeBlock, DecodeLinear, fuse_decode
 from model import ConfigError, ModelArgs, Transformer
 from quantize import quantize_checkpoint
 from speculative import speculative_generate
@@ -107,7 +107,7 @@ CASES = {
         "llama3.1": ("llama3.1", "llama2", True), "qwen2": ("qwen2", None, True), "llama2-int8": ("llama2-int8", None, True),
         "llama2-int4": ("llama2-int4", None, True), "target": ("target", "draft", True),
         "target-int4": ("target-int4", None, True),
-        # kernels.fuse_decode on the shards (Triton's interpreter): the row shards keep their all-reduce hooks
+        # decode_kernels.fuse_decode on the shards (Triton's interpreter): the row shards keep their all-reduce hooks
         "llama2-int8-decode-kernels": ("llama2-int8", None, True, True)},
     4: {"llama2": ("llama2", None, True), "target-int4": ("target-int4", "draft", True)},
 }

@@ -50,7 +50,7 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, g_ptr, w_ptr, s_ptr, o_ptr, r_ptr, y_ptr, part_ptr, ss_ptr, count_ptr, N,
-                     K: tl.constexpr, row_words, stride_wn, stride_sn, k_per_split, eps, BITS: tl.constexpr,
+                     K: tl.constexpr, row_words, stride_wn, stride_sn, blocks_per_split, eps, BITS: tl.constexpr,
                      GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                      PROLOGUE: tl.constexpr, SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr,
                      ASM: tl.constexpr):
@@ -79,8 +79,8 @@ if triton is not None:
         if SPLIT_K == 1:  # a loop of known length, which the compiler can unroll and pipeline
             k_start, k_end = 0, (K + BLOCK_K - 1) // BLOCK_K * BLOCK_K
         else:
-            k_start = split * k_per_split
-            k_end = tl.minimum(k_start + k_per_split, (K + BLOCK_K - 1) // BLOCK_K * BLOCK_K)
+            k_start = split * blocks_per_split * BLOCK_K  # (so the compiler knows its multiples: wide loads)
+            k_end = tl.minimum(k_start + blocks_per_split * BLOCK_K, (K + BLOCK_K - 1) // BLOCK_K * BLOCK_K)
         if BITS == 0:
             # float weights: a [BLOCK_N, BLOCK_K] float32 tile of products, reduced once at the end
             acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -232,7 +232,7 @@ if triton is not None:
 
     @triton.jit
     def _int4_mma_kernel(x_ptr, g_ptr, w_ptr, s_ptr, o_ptr, r_ptr, y_ptr, part_ptr, ss_ptr, count_ptr, M, N, K,
-                         row_words, stride_xm, stride_wn, stride_sn, stride_ym, k_per_split, eps,
+                         row_words, stride_xm, stride_wn, stride_sn, stride_ym, blocks_per_split, eps,
                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                          SPLIT_K: tl.constexpr, RESIDUAL: tl.constexpr, ASM: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, PROLOGUE: tl.constexpr,
@@ -260,8 +260,9 @@ if triton is not None:
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         n_ok, m_ok = rn < N, rm < M
-        k_start = split * k_per_split
-        k_end = tl.minimum(k_start + k_per_split, tl.cdiv(K, BLOCK_K) * BLOCK_K)
+        # from a count of blocks, so that the compiler knows k0 // 8 a multiple of 16: 16-byte cp.async of the words
+        k_start = split * blocks_per_split * BLOCK_K
+        k_end = tl.minimum(k_start + blocks_per_split * BLOCK_K, tl.cdiv(K, BLOCK_K) * BLOCK_K)
         x_rows = x_ptr + tl.minimum(rm, M - 1)[None, :] * stride_xm  # [1, BLOCK_M]
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         # rmsnorm's squares of x, summed over columns at the end
@@ -503,7 +504,6 @@ def gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, offsets: Op
     asm = config.pop("ASM", bits == 8 and x.is_cuda and torch.version.hip is None)  # PTX: NVIDIA's, not ROCm's
     w = weight if bits == 0 else weight.view(torch.int32)
     blocks, row_blocks = triton.cdiv(k, config["BLOCK_K"]), triton.cdiv(n, config["BLOCK_N"])
-    k_per_split = triton.cdiv(blocks, split) * config["BLOCK_K"]
     y = torch.empty(1, n, device=x.device, dtype=x.dtype)
     part = ss = y
     if split > 1:
@@ -515,9 +515,9 @@ def gemv(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, offsets: Op
     _gemv_kernel[(row_blocks, split)](
         x, x if norm_weight is None else norm_weight, w, w if scales is None else scales,
         w if offsets is None else offsets, y if residual is None else residual, y, part, ss,
-        y if split == 1 else counters, n, k, w.shape[1], w.stride(0), scale_stride, k_per_split, eps, BITS=bits,
-        GROUP=group_size or 1, EVEN_K=k % config["BLOCK_K"] == 0, PROLOGUE=PROLOGUES[prologue], SPLIT_K=split,
-        RESIDUAL=residual is not None, ASM=asm, **config)
+        y if split == 1 else counters, n, k, w.shape[1], w.stride(0), scale_stride, triton.cdiv(blocks, split), eps,
+        BITS=bits, GROUP=group_size or 1, EVEN_K=k % config["BLOCK_K"] == 0, PROLOGUE=PROLOGUES[prologue],
+        SPLIT_K=split, RESIDUAL=residual is not None, ASM=asm, **config)
     return y
 
 
@@ -583,7 +583,7 @@ def int4_matmul(x: Tensor, packed: Tensor, scales: Tensor, offsets: Tensor, grou
     _int4_mma_kernel[grid](
         x, x if norm_weight is None else norm_weight, w, scales, offsets, y if residual is None else residual, y,
         part, ss, y if split == 1 else counters, m, n, k, w.shape[1], x.stride(0), w.stride(0), scales.stride(0),
-        y.stride(0), triton.cdiv(blocks, split) * config["BLOCK_K"], eps, GROUP=group_size, SPLIT_K=split,
+        y.stride(0), triton.cdiv(blocks, split), eps, GROUP=group_size, SPLIT_K=split,
         RESIDUAL=residual is not None, ASM=asm, EVEN_K=k % config["BLOCK_K"] == 0, PROLOGUE=PROLOGUES[prologue],
         ONE_ROW=m == 1,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32: exact products, not TF32's

@@ -1,5 +1,5 @@
-"""kernels.py: the decode GEMV with its fused prologues and residual, the decode attention, and fuse_decode's module
-swap, against PyTorch.
+"""decode_kernels.py: the decode GEMV with its fused prologues and residual, the decode attention, and fuse_decode's
+module swap, against PyTorch.
 Without a GPU the Triton kernels run in Triton's interpreter (conftest.py), in float32."""
 import json
 import os
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from generate import load_model
-from kernels import (DecodeBlock, DecodeLinear, attention_config, decode_attention, fuse_decode, gemv, gemv_config,
-                     int4_matmul, triton)
+from decode_kernels import (DecodeBlock, DecodeLinear, attention_config, decode_attention, fuse_decode, gemv,
+                            gemv_config, int4_matmul, triton)
 from model import ModelArgs, RMSNorm, apply_rotary_emb, causal_mask, precompute_rope
 from quantize import dequantize_int4, quantize_checkpoint, quantize_int4, quantize_int8
 
@@ -190,13 +190,13 @@ def test_fused_decode_model_gives_the_unfused_logits(family, scheme, hf_checkpoi
 # Compiled in a fresh interpreter: once Triton's interpreter has run in a process it has patched triton.language
 HOPPER_PTX = """
 import json, sys
-import kernels
+import decode_kernels
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton import compile
 features = {}
 for name, pointers, constexprs, warps in json.loads(sys.argv[1]):
-    kernel = getattr(kernels, name)
+    kernel = getattr(decode_kernels, name)
     signature = {a: "constexpr" if a in constexprs else pointers.get(a, "*bf16") if a.endswith("_ptr")
                  else "fp64" if a == "eps" else "i32" for a in kernel.arg_names}
     ptx = compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
