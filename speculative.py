@@ -21,8 +21,10 @@ read and a rejected token's entry is harmless until it is overwritten):
   step caches dk when n = k, and otherwise rewrites an entry with the same input and position (the same values
   up to rounding). In the first round prev is the prompt's last token, which the draft's prefill cached.
 So every round has the same shapes (draft [1, 2], k-1 times [1, 1], target [1, k+1]) and no branch on n: the
-whole round is one compiled graph (on GPU one CUDA graph), and the host reads its result once.
+round compiles once (on GPU each of its three steps is one CUDA graph, replayed every round; on CPU the whole
+round is one graph: compile_speculative_round), and the host reads the round's result once.
 """
+import functools
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -45,6 +47,13 @@ def draft_one_token(model: Transformer, tokens: Tensor, input_pos: Tensor, tempe
         return sample(logits, 0.0), None
     probs = logits_to_probs(logits, temperature, top_k, top_p)
     return draw(probs), probs
+
+
+def draft_two_tokens(model: Transformer, tokens: Tensor, input_pos: Tensor, temperature: float = 0.0,
+                     top_k: Optional[int] = None, top_p: Optional[float] = None):
+    """The round's first draft step, on [prev, token]: draft_one_token under a name of its own, so that it compiles
+    to a graph of its own (torch.compile caches graphs per code object; generate.prefill does the same)."""
+    return draft_one_token(model, tokens, input_pos, temperature, top_k, top_p)
 
 
 def accept_drafts(target_probs: Tensor, draft_probs: Tensor, drafted: Tensor):
@@ -84,32 +93,46 @@ def verify(model: Transformer, tokens: Tensor, input_pos: Tensor, draft_probs: O
 
 
 def speculative_round(target: Transformer, draft: Transformer, last_two: Tensor, pos: Tensor, k: int,
-                      temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None):
+                      temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                      first_step=draft_two_tokens, draft_step=draft_one_token, verify_step=verify):
     """One round on the device, with no branch on the outcome (module docstring): the draft proposes k tokens, the
     target scores them in one forward, the acceptance rule keeps a prefix.
 
     last_two [1, 2]: [prev, token], the tokens at positions pos - 1 and pos [1]; token is the last emitted one.
     Returns (drafted [1, k], n [1]: drafts accepted, next_two [1, 2]: the next round's last_two, whose second
-    token is the one emitted after the n accepted drafts, at position pos + n + 1)."""
-    proposed, probs = draft_one_token(draft, last_two, pos + torch.arange(-1, 1, device=pos.device), temperature,
-                                      top_k, top_p)  # prev rewritten (or, after n = k, first cached) at pos - 1
-    drafted, draft_probs = [proposed], [probs]
+    token is the one emitted after the n accepted drafts, at position pos + n + 1).
+    first_step, draft_step, verify_step: the three steps, or their compiled copies (compile_speculative_round)."""
+    # clones: under CUDA graphs a step's outputs are overwritten by the next step's replay
+    proposed, probs = first_step(draft, last_two, pos + torch.arange(-1, 1, device=pos.device), temperature,
+                                 top_k, top_p)  # prev rewritten (or, after n = k, first cached) at pos - 1
+    drafted, draft_probs = [proposed.clone()], [None if probs is None else probs.clone()]
     for i in range(1, k):
-        proposed, probs = draft_one_token(draft, proposed, pos + i, temperature, top_k, top_p)
-        drafted.append(proposed)
-        draft_probs.append(probs)
+        proposed, probs = draft_step(draft, drafted[-1], pos + i, temperature, top_k, top_p)
+        drafted.append(proposed.clone())
+        draft_probs.append(None if probs is None else probs.clone())
     tokens = torch.cat([last_two[:, 1:]] + drafted, dim=1)  # [1, k+1]: token, d1 .. dk
-    n, next_token = verify(target, tokens, pos + torch.arange(k + 1, device=pos.device),
-                           torch.stack(draft_probs, dim=1) if temperature > 0 else None,  # [1, k, V]
-                           temperature, top_k, top_p)
+    n, next_token = verify_step(target, tokens, pos + torch.arange(k + 1, device=pos.device),
+                                torch.stack(draft_probs, dim=1) if temperature > 0 else None,  # [1, k, V]
+                                temperature, top_k, top_p)
     prev = tokens.gather(1, n[:, None])  # [1, 1]: dn, or token when n = 0, at position pos + n
-    return tokens[:, 1:], n, torch.cat([prev, next_token], dim=1)
+    return tokens[:, 1:], n.clone(), torch.cat([prev, next_token], dim=1)
 
 
-def compile_speculative_round(device):
-    """torch.compile speculative_round: one graph for every round (positions are tensors, k is fixed), on GPU one
-    CUDA graph replayed per round."""
-    return compile_step(speculative_round, device)
+def compile_speculative_round(device, one_graph: Optional[bool] = None):
+    """speculative_round compiled for every round (positions are tensors, k is fixed: nothing recompiles), with
+    nothing in a round waiting for the host. one_graph (default: off CUDA) compiles the whole round as one graph;
+    otherwise each of its three steps is a graph of its own, on GPU a CUDA graph each, and the few small ops
+    between them run eagerly. On an H200 the whole round of a Llama-2-7B target with its int4 self-draft was still
+    compiling after 7 minutes (inductor's graph partitioning), where the target's step compiles in 45 s, and under
+    CUDA graphs separate steps cost next to nothing; on CPU each compiled call costs its guard checks, and the
+    split round decoded 10-15% slower on the shipped models (BENCHMARKS.md, 2026-12-04)."""
+    if one_graph is None:
+        one_graph = torch.device(device).type != "cuda"
+    if one_graph:
+        return compile_step(speculative_round, device)
+    return functools.partial(speculative_round, first_step=compile_step(draft_two_tokens, device),
+                             draft_step=compile_step(draft_one_token, device),
+                             verify_step=compile_step(verify, device))
 
 
 def check_same_vocabulary(target: Transformer, draft: Transformer):
@@ -159,7 +182,6 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Tensor
     while len(row) < max_new_tokens and not stream.done:
         drafted, n, last_two = round_fn(target, draft, last_two, pos, k, **sampling)
         host = torch.cat([drafted[0], n, last_two[0, 1:]]).tolist()  # the round's one host sync
-        last_two = last_two.clone()  # a CUDA graph's outputs are overwritten by its next replay
         n = host[k]
         accepted_counts[n] += 1
         pos = pos + (n + 1)

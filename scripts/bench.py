@@ -686,12 +686,17 @@ def bench_speculative(name: str, a: argparse.Namespace, device: torch.device, qu
             with torch.no_grad():
                 draft_output.index_copy_(0, disagreeing_successor(successor, agreement, generator),
                                          draft.tok_embeddings.weight)
+        tag = f"{name} + draft {a.draft}" + ("" if agreement is None else f" (agreement {agreement})")
         t0 = time.perf_counter()
         target_rows = generate(target, prompt, a.max_new_tokens, **kw)
+        log(f"{tag}: target warm-up {time.perf_counter() - t0:.1f} s")
+        t1 = time.perf_counter()
         generate(draft, prompt, a.max_new_tokens, **kw)  # a second graph of the same step, for the draft
+        log(f"{tag}: draft warm-up {time.perf_counter() - t1:.1f} s")
+        t1 = time.perf_counter()
         spec_rows, _ = speculative_generate(target, draft, prompt, a.max_new_tokens, **spec_kw)
+        log(f"{tag}: speculative round warm-up {time.perf_counter() - t1:.1f} s")
         warmup_s = time.perf_counter() - t0
-        tag = f"{name} + draft {a.draft}" + ("" if agreement is None else f" (agreement {agreement})")
         log(f"{tag}: warm-up{' (compile)' if a.compile and not records else ''} {warmup_s:.1f} s")
         # Greedy speculative output is the target's token for token in exact arithmetic; a k+1-token forward rounds
         # differently from a 1-token one, so in bf16 a near-tie can flip: record where the outputs first differ.

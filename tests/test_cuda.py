@@ -83,8 +83,8 @@ def test_compiled_quantized_decode_with_our_kernels_equals_eager_on_cuda(mode, h
 
 
 def test_cuda_graph_speculative_decoding_equals_plain_greedy(hf_checkpoint, tmp_path):
-    # The whole round (k draft steps, the verify step, the acceptance) is one CUDA graph, replayed every round; its
-    # outputs are read or cloned before the next replay overwrites them (speculative_generate does this).
+    # The round's three steps (the draft's first, its next k - 1, the verify with the acceptance) are a CUDA graph
+    # each, replayed every round; each step's outputs are cloned before the next replay overwrites them.
     from quantize import quantize_checkpoint
     from speculative import compile_speculative_round, speculative_generate
 

@@ -285,23 +285,25 @@ def test_batches_and_caches_too_small_are_refused(models):
 
 # ------------------------------------------------------------------------------------------ compiled
 
-def test_compiled_round_equals_eager_and_never_recompiles(models):
+@pytest.mark.parametrize("one_graph", [True, False], ids=["one-graph", "graph-per-step"])
+def test_compiled_round_equals_eager_and_never_recompiles(models, one_graph):
     target, draft = models["llama3.1"], models["llama3.1-int8"]
     prompts = [prompt_of(10, seed=9), prompt_of(6, seed=7)]
     eager = [speculative_generate(target, draft, p, 30, speculate_k=3) for p in prompts]
     counts = [a + b for a, b in zip(eager[0][1]["accepted_counts"], eager[1][1]["accepted_counts"])]
     assert counts[3] > 0 and sum(counts[:3]) > 0  # full acceptances and rejections
     old = torch._dynamo.config.error_on_recompile
-    # One graph for the whole round, whatever the positions and acceptances; a second graph fails the test.
+    # One graph for the round (or one for each of its three steps), whatever the positions and acceptances; a second
+    # graph of any of them fails the test.
     # Greedy and sampling are separate compilations (a CLI run has one temperature), hence the reset between them.
     torch._dynamo.config.error_on_recompile = True
     try:
         torch._dynamo.reset()
-        round_fn = compile_speculative_round("cpu")
+        round_fn = compile_speculative_round("cpu", one_graph)
         compiled = [speculative_generate(target, draft, p, 30, speculate_k=3, round_fn=round_fn) for p in prompts]
         assert compiled == eager
         torch._dynamo.reset()
-        round_fn = compile_speculative_round("cpu")
+        round_fn = compile_speculative_round("cpu", one_graph)
         for seed in (0, 1):
             torch.manual_seed(seed)
             rows, stats = speculative_generate(target, draft, prompts[seed], 24, speculate_k=3, temperature=0.9,
