@@ -36,7 +36,7 @@ def load_model(checkpoint_path, device, precision=torch.bfloat16, checkpoint: Op
     `checkpoint`: the already-opened load_checkpoint(checkpoint_path), to avoid opening it twice.
     world_size > 1: only this rank's tensor-parallel shard is read and kept (tp.apply_tp; the process group must
     be initialised, tp.init_distributed).
-    decode_kernels: on CUDA, the one-token step runs decode_kernels.py's decode layer (decode_kernels.fuse_decode)."""
+    decode_kernels: on CUDA, the one-token step runs decode_kernels.py's decode layer (fuse_decode)."""
     ckpt = checkpoint if checkpoint is not None else load_checkpoint(checkpoint_path)
     args = ModelArgs.from_dict(ckpt["model_args"])
     with torch.device("meta"):

@@ -65,7 +65,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.is_cuda and triton is not None and x.numel() == x.shape[-1] and self.in_features % 4 == 0:
-            # decode: our GEMV (decode_kernels.py) reads the int8 bytes once; inductor's fused dequant-matmul is slower
+            # decode: our GEMV (decode_kernels.py) reads the int8 bytes once; inductor's fused dequant-matmul is
+            # slower
             y = int8_gemv(x.reshape(1, -1), self.weight, self.scales).view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales

@@ -115,7 +115,7 @@ def speculative_round(target: Transformer, draft: Transformer, last_two: Tensor,
                                 torch.stack(draft_probs, dim=1) if temperature > 0 else None,  # [1, k, V]
                                 temperature, top_k, top_p)
     prev = tokens.gather(1, n[:, None])  # [1, 1]: dn, or token when n = 0, at position pos + n
-    return tokens[:, 1:], n.clone(), torch.cat([prev, next_token], dim=1)
+    return tokens[:, 1:], n, torch.cat([prev, next_token], dim=1)
 
 
 def compile_speculative_round(device, one_graph: Optional[bool] = None):
@@ -125,7 +125,7 @@ def compile_speculative_round(device, one_graph: Optional[bool] = None):
     between them run eagerly. On an H200 the whole round of a Llama-2-7B target with its int4 self-draft was still
     compiling after 7 minutes (inductor's graph partitioning), where the target's step compiles in 45 s, and under
     CUDA graphs separate steps cost next to nothing; on CPU each compiled call costs its guard checks, and the
-    split round decoded 10-15% slower on the shipped models (BENCHMARKS.md, 2026-12-04)."""
+    split round decoded 22% slower on a tiny model (the same on a 12-layer 768-wide one; BENCHMARKS.md, 2026-12-04)."""
     if one_graph is None:
         one_graph = torch.device(device).type != "cuda"
     if one_graph:
@@ -182,6 +182,7 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Tensor
     while len(row) < max_new_tokens and not stream.done:
         drafted, n, last_two = round_fn(target, draft, last_two, pos, k, **sampling)
         host = torch.cat([drafted[0], n, last_two[0, 1:]]).tolist()  # the round's one host sync
+        last_two = last_two.clone()  # a one-graph round's outputs are overwritten by its next CUDA graph replay
         n = host[k]
         accepted_counts[n] += 1
         pos = pos + (n + 1)

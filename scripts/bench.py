@@ -175,6 +175,9 @@ def mlp_microbench(device: torch.device, dtype: torch.dtype) -> dict:
 
 
 # Llama-2-7B decode matmuls at batch 1: (name, out_features, in_features)
+# --round_graph: compile_speculative_round's one_graph
+ROUND_GRAPHS = {"auto": None, "one": True, "per-step": False}
+
 DECODE_MATMULS = [("wqkv", 12288, 4096), ("wo", 4096, 4096), ("w13", 22016, 4096), ("w2", 4096, 11008),
                   ("output", 32000, 4096)]
 
@@ -416,8 +419,8 @@ def decode_op(name: str, n: int, k: int, device: torch.device, dtype: torch.dtyp
 
 
 def float_gemv_sweep(device: torch.device, dtype: torch.dtype, matrices: list):
-    """GB/s of decode_kernels.py's GEMV on float weights over block sizes, split-K and warps, per Llama-2-7B matmul with
-    the op the decode step folds into it (decode_op), against the default config without that op and cuBLAS."""
+    """GB/s of decode_kernels.py's GEMV on float weights over block sizes, split-K and warps, per Llama-2-7B matmul
+    with the op the decode step folds into it (decode_op), against the default config without that op and cuBLAS."""
     counters = torch.zeros(max(n for _, n, _ in DECODE_MATMULS), dtype=torch.int32, device=device)
     with torch.no_grad():
         for name, n, k in (m for m in DECODE_MATMULS if m[0] in matrices):
@@ -480,7 +483,7 @@ def attention_microbench(device: torch.device, dtype: torch.dtype, seq: int = 21
             enable(on)
         inductor_config.fx_graph_cache = cache_setting
         torch._dynamo.reset()
-    # ours (decode_kernels.decode_attention: RoPE, the cache write and attention from the wqkv output) at a few configs
+    # ours (decode_kernels.decode_attention: RoPE, the cache write and attention from the wqkv output), a few configs
     qkv = torch.randn(1, 96 * 128, device=device, dtype=dtype)
     rope = torch.randn(1, 64, 2, device=device)
     pos = torch.tensor([seq // 2], device=device)
@@ -677,16 +680,19 @@ def bench_speculative(name: str, a: argparse.Namespace, device: torch.device, qu
     if a.compile:
         kw["prefill_fn"], kw["decode_fn"] = compile_fns(device)
         spec_kw["prefill_fn"] = kw["prefill_fn"]
-        spec_kw["round_fn"] = compile_speculative_round(device)
         apply_inductor_overrides(a.inductor_config)
+    round_fns = {g: compile_speculative_round(device, ROUND_GRAPHS[g]) for g in a.round_graph} if a.compile else {}
     prompt = torch.randint(0, args.vocab_size, (1, a.prompt_len), device=device)
     records = []
-    for agreement in a.agreement or [None]:
+    for agreement, round_graph in itertools.product(a.agreement or [None], a.round_graph):
         if draft_output is not None:
             with torch.no_grad():
                 draft_output.index_copy_(0, disagreeing_successor(successor, agreement, generator),
                                          draft.tok_embeddings.weight)
-        tag = f"{name} + draft {a.draft}" + ("" if agreement is None else f" (agreement {agreement})")
+        if a.compile:
+            spec_kw["round_fn"] = round_fns[round_graph]
+        tag = (f"{name} + draft {a.draft}" + ("" if agreement is None else f" (agreement {agreement})")
+               + ("" if len(a.round_graph) == 1 else f" (round graph {round_graph})"))
         t0 = time.perf_counter()
         target_rows = generate(target, prompt, a.max_new_tokens, **kw)
         log(f"{tag}: target warm-up {time.perf_counter() - t0:.1f} s")
@@ -720,6 +726,7 @@ def bench_speculative(name: str, a: argparse.Namespace, device: torch.device, qu
         total = acceptance_stats(counts)
         records.append(dict(kind="speculative", model=name, model_args=MODELS[name], precision=a.precision,
                             quantization=quantization, draft=a.draft, agreement=agreement, speculate_k=k,
+                            round_graph=round_graph if a.compile else None,
                             prompt_len=a.prompt_len, max_new_tokens=a.max_new_tokens, compile=a.compile,
                             inductor_config=a.inductor_config, **med,
                             acceptance_by_position=total["acceptance_by_position"], accepted_counts=counts,
@@ -884,15 +891,16 @@ def main(a: argparse.Namespace):
 
 
 def print_speculative(records: list, a: argparse.Namespace):
-    header = (f"{'model':<20}{'draft':>12}{'agree':>6}{'k':>3}{'target tok/s':>14}{'spec tok/s':>12}{'speedup':>9}"
+    header = (f"{'model':<20}{'draft':>22}{'agree':>6}{'k':>3}{'target tok/s':>14}{'spec tok/s':>12}{'speedup':>9}"
               f"{'draft tok/s':>13}{'accepted/step':>15}  acceptance by position")
     print(header + "\n" + "-" * (len(header) + 10))
     for r in records:
         if "error" in r:
-            print(f"{label(r):<20}{r['error']:>12}")
+            print(f"{label(r):<20}{r['error']:>22}")
             continue
         agreement = "-" if r.get("agreement") is None else f"{r['agreement']:.2f}"
-        print(f"{label(r):<20}{r['draft']:>12}{agreement:>6}{r['speculate_k']:>3}{r['target_tok_s']:>14.1f}"
+        draft = r["draft"] if r.get("round_graph") in (None, "auto") else f"{r['draft']} ({r['round_graph']})"
+        print(f"{label(r):<20}{draft:>22}{agreement:>6}{r['speculate_k']:>3}{r['target_tok_s']:>14.1f}"
               f"{r['speculative_tok_s']:>12.1f}{r['speedup']:>8.2f}x{r['draft_tok_s']:>13.1f}"
               f"{r['mean_accepted']:>10.2f} of {r['speculate_k']}  "
               + " ".join(f"{x:.2f}" for x in r["acceptance_by_position"]))
@@ -943,6 +951,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--draft", choices=["self", *(f"self-{s}" for s in SCHEMES), *MODELS],
                    help="speculative decoding with this draft against target-only decoding (see above)")
     p.add_argument("--speculate_k", type=int, default=5, help="with --draft: tokens drafted per target step")
+    p.add_argument("--round_graph", action="append", choices=list(ROUND_GRAPHS),
+                   help="with --draft: the compiled round as one graph, or a graph per step (default auto: per step "
+                        "on CUDA, one graph elsewhere; speculative.compile_speculative_round); repeat to compare")
     p.add_argument("--agreement", type=float, action="append", metavar="A",
                    help="with a named-shape --draft: predictable synthetic weights (make_predictable) on which the "
                         "draft's greedy token equals the target's on a fraction A of the vocabulary; repeat to sweep. "
@@ -958,9 +969,12 @@ def parse_args() -> argparse.Namespace:
     a.quant_m = a.quant_m or [1, 6]
     a.decode_kernels = a.decode_kernels or ["on"]
     a.sweep_matrix = a.sweep_matrix or [m[0] for m in DECODE_MATMULS]
+    a.round_graph = a.round_graph or ["auto"]
     a.allreduce = a.allreduce or ["symm"]
     if a.prompt_len < 1 or a.max_new_tokens < 2 or a.runs < 1 or a.batch_size < 1:
         p.error("need --prompt_len >= 1, --max_new_tokens >= 2, --runs >= 1 and --batch_size >= 1")
+    if a.round_graph != ["auto"] and not (a.draft and a.compile):
+        p.error("--round_graph picks how a compiled speculative round is built: give it with --draft and --compile")
     if a.draft and (a.batch_size != 1 or a.speculate_k < 1):
         p.error("--draft needs --batch_size 1 and --speculate_k >= 1")
     if a.agreement and (not a.draft or any(q != "none" for q in a.quantize or [])

@@ -356,3 +356,24 @@ def test_bench_int4_self_draft_of_a_predictable_target_is_accepted():
     rows, stats = speculative_generate(target, draft, prompt, 40, speculate_k=3)
     assert rows == generate(target, prompt, 40)
     assert stats["acceptance_by_position"] == [1.0, 1.0, 1.0]
+
+
+def test_bench_times_both_round_graphs_in_one_run(tmp_path):
+    # bench.py --round_graph one --round_graph per-step: one record each, from the same models in one process, each
+    # compiled round giving the target's greedy output with every self draft accepted
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "spec.jsonl"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--model", "tiny", "--device", "cpu",
+                        "--precision", "float32", "--draft", "self", "--speculate_k", "3", "--runs", "1",
+                        "--max_new_tokens", "12", "--round_graph", "one", "--round_graph", "per-step",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [x["round_graph"] for x in records] == ["one", "per-step"]
+    for x in records:
+        assert x["first_difference"] is None and x["acceptance_by_position"] == [1.0, 1.0, 1.0]
